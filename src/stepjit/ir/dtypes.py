@@ -1,0 +1,68 @@
+"""The element types an update rule can name, and their numpy counterparts."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+
+class DType(enum.Enum):
+    """An element type of the IR. The value is the canonical (numpy-style) name."""
+
+    BOOL = "bool"
+    F16 = "float16"
+    BF16 = "bfloat16"
+    F32 = "float32"
+    F64 = "float64"
+
+    def __repr__(self) -> str:
+        return f"DType.{self.name}"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self is not DType.BOOL
+
+    @property
+    def is_half(self) -> bool:
+        return self in (DType.F16, DType.BF16)
+
+    @property
+    def compute(self) -> DType:
+        """The type arithmetic on this storage type runs in: half types compute in float32."""
+        return DType.F32 if self.is_half else self
+
+    def to_numpy(self) -> np.dtype:
+        if self is DType.BF16:
+            return np.dtype(_bfloat16())
+        return np.dtype(self.value)
+
+    @staticmethod
+    def from_numpy(dtype: object) -> DType | None:
+        """The IR type of a numpy dtype, or None when the IR has no such type."""
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            return None
+        try:
+            return DType(name)
+        except ValueError:
+            return None
+
+
+_ITEMSIZE = {DType.BOOL: 1, DType.F16: 2, DType.BF16: 2, DType.F32: 4, DType.F64: 8}
+
+
+def _bfloat16() -> type:
+    try:
+        import ml_dtypes
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise TypeError("bfloat16 numpy arrays need the ml_dtypes package") from exc
+    return ml_dtypes.bfloat16

@@ -1,0 +1,140 @@
+"""UpdateRule: the whole per-element update of one kind of tensor, as named inputs and outputs.
+
+A rule has tensor *slots* (param, grad, state buffers; each with a storage dtype and whether the
+rule writes it), group *scalars* (hyperparameters, passed at every launch), *per-tensor* values
+(held in the launch table) and *outputs* (slot name -> expression, stored in the slot's dtype).
+
+Everything a backend needs is derived here once: the nodes in evaluation order, the reductions,
+the argument lists in ABI order, and the structural `key`. The key is a hash of the rule's
+canonical text, which names operations, dtypes and literals but never a hyperparameter's value:
+two optimizers whose configurations have the same structure share compiled kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .dtypes import DType
+from .expr import Expr
+from .ops import LEAVES, Op
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A tensor the rule reads and/or writes, one element at a time."""
+
+    name: str
+    dtype: DType
+    written: bool = False
+
+
+class UpdateRule:
+    """An immutable, validated update rule. Build one with `UpdateRule(name, slots, outputs)`."""
+
+    def __init__(self, name: str, slots: Sequence[Slot], outputs: Mapping[str, Expr]) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"rule name must be an identifier, got {name!r}")
+        self.name = name
+        self.slots: tuple[Slot, ...] = tuple(slots)
+        by_name = {s.name: s for s in self.slots}
+        if len(by_name) != len(self.slots):
+            raise ValueError(f"rule {name}: duplicate slot names")
+        for out, e in outputs.items():
+            slot = by_name.get(out)
+            if slot is None or not slot.written:
+                raise ValueError(f"rule {name}: output {out!r} is not a written slot")
+            if e.dtype is not slot.dtype:
+                raise TypeError(f"rule {name}: output {out!r} is {e.dtype}, slot is {slot.dtype}")
+        missing = [s.name for s in self.slots if s.written and s.name not in outputs]
+        if missing:
+            raise ValueError(f"rule {name}: written slots without an output: {missing}")
+        # outputs in slot order, so that the rule's text does not depend on dict order
+        self.outputs: tuple[tuple[str, Expr], ...] = tuple(
+            (s.name, outputs[s.name]) for s in self.slots if s.written
+        )
+        self.nodes: tuple[Expr, ...] = _toposort([e for _, e in self.outputs])
+
+        scalars: dict[str, DType] = {}
+        per_tensor: dict[str, DType] = {}
+        for n in self.nodes:
+            if n.op is Op.TENSOR:
+                slot = by_name.get(n.arg)
+                if slot is None or slot.dtype is not n.dtype:
+                    raise TypeError(f"rule {name}: load of {n.arg}:{n.dtype} matches no slot")
+            elif n.op in (Op.SCALAR, Op.PER_TENSOR):
+                table = scalars if n.op is Op.SCALAR else per_tensor
+                if table.setdefault(n.arg, n.dtype) is not n.dtype:
+                    raise TypeError(f"rule {name}: {n.arg} used with two dtypes")
+        # ABI order: sorted by name, so adding a term never reorders unrelated arguments
+        self.scalars: tuple[tuple[str, DType], ...] = tuple(sorted(scalars.items()))
+        self.per_tensor: tuple[tuple[str, DType], ...] = tuple(sorted(per_tensor.items()))
+        self.reductions: tuple[Expr, ...] = tuple(n for n in self.nodes if n.op is Op.SUM)
+        self.text = self._render()
+        self.key = hashlib.sha256(self.text.encode()).hexdigest()[:20]
+
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.scalars)
+
+    @property
+    def per_tensor_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.per_tensor)
+
+    def slot(self, name: str) -> Slot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def _render(self) -> str:
+        ids: dict[int, str] = {}
+        lines = [
+            f"rule {self.name}("
+            + ", ".join(f"{s.name}: {s.dtype}{' inout' if s.written else ''}" for s in self.slots)
+            + ")"
+        ]
+        if self.scalars:
+            lines.append("  scalars    " + ", ".join(f"{n}: {d}" for n, d in self.scalars))
+        if self.per_tensor:
+            lines.append("  per-tensor " + ", ".join(f"{n}: {d}" for n, d in self.per_tensor))
+        for i, n in enumerate(self.nodes):
+            ids[id(n)] = f"%{i}"
+            if n.op is Op.CONST:
+                rhs = f"const {n.arg!r}"
+            elif n.op in LEAVES:
+                rhs = f"{n.op.value} {n.arg}"
+            elif n.op is Op.CAST:
+                rhs = f"cast {ids[id(n.src[0])]}"
+            else:
+                rhs = f"{n.op.value} " + ", ".join(ids[id(s)] for s in n.src)
+            scope = "" if n.elementwise or n.op in LEAVES else "  (per tensor)"
+            lines.append(f"  %{i:<3}= {rhs} : {n.dtype}{scope}")
+        for slot, e in self.outputs:
+            lines.append(f"  {slot} <- {ids[id(e)]}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"<UpdateRule {self.name} key={self.key}>"
+
+
+def _toposort(roots: Sequence[Expr]) -> tuple[Expr, ...]:
+    """Nodes reachable from `roots`, each after its operands, in a deterministic order."""
+    order: list[Expr] = []
+    done: set[int] = set()
+    stack: list[tuple[Expr, bool]] = [(r, False) for r in reversed(roots)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in done:
+            continue
+        if expanded:
+            done.add(id(node))
+            order.append(node)
+        else:
+            stack.append((node, True))
+            stack.extend((s, False) for s in reversed(node.src) if id(s) not in done)
+    return tuple(order)

@@ -1,0 +1,1 @@
+from .select import select_backend  # noqa: F401

@@ -1,0 +1,47 @@
+"""The interface every backend implements: compile a rule once, bind it to tensors, launch.
+
+    kernel = backend.compile(rule)                      # cached by rule.key (+ target)
+    launch = backend.bind(kernel, tensors, per_tensor)  # the table: built once, reused
+    launch(scalars)                                     # one step over every bound tensor
+
+`tensors` is a list, one entry per tensor, of arrays in the rule's slot order; `per_tensor` is a
+float64 array of shape (len(tensors), len(rule.per_tensor)) that the launch reads afresh at every
+call, so the optimizer can flip a per-tensor flag without rebuilding the table.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..ir import UpdateRule
+
+
+class Launch(abc.ABC):
+    """A kernel bound to a fixed list of tensors."""
+
+    rule: UpdateRule
+    per_tensor: np.ndarray
+
+    @abc.abstractmethod
+    def __call__(self, scalars: Sequence[float]) -> None:
+        """Run the rule over every bound tensor; `scalars` in `rule.scalar_names` order."""
+
+
+class Backend(abc.ABC):
+    """Turns rules into launches for arrays of one kind (host, or one CUDA device)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def compile(self, rule: UpdateRule) -> object:
+        """The compiled form of `rule`, from the cache when it is there."""
+
+    @abc.abstractmethod
+    def bind(self, kernel: object, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
+        """A launch of `kernel` over `tensors` (contiguous arrays, in slot order)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
