@@ -1,0 +1,432 @@
+"""Lower an UpdateRule to LLVM IR with llvmlite.ir. Pure: no compiler calls, no I/O.
+
+Every kernel has one C signature, so the runtime calls any rule the same way:
+
+    void kernel(void **ptrs,        // [n_tensors][n_slots] data pointers
+                int64_t *chunks,    // [n_chunks][3]: tensor index, first element, end element
+                int64_t *tchunks,   // [n_tensors][2]: first chunk of the tensor, chunk count
+                double *partials,   // [n_chunks][n_reductions]: per-chunk sums
+                double *per_tensor, // [n_tensors][n_per_tensor]
+                double *scalars,    // [n_scalars], in rule.scalar_names order
+                int64_t c0, int64_t c1)  // the chunks this call processes
+
+A rule with reductions gets two kernels: `..._reduce` writes the partial sums of its chunks, and
+`..._update` (run after every chunk's reduce is done) adds its tensor's partials in chunk order,
+so the sums are deterministic whatever the threading. The element loop of each kernel is a
+separate function whose pointer arguments are `noalias`, which lets LLVM vectorize it without
+runtime alias checks. Floating-point instructions carry `contract` (fused multiply-add allowed)
+and reduction sums `reassoc`; never `fast`, `nnan` or `ninf`, which would delete NaN handling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llvmlite import ir
+
+from ..ir import DType, Expr, Op, UpdateRule
+
+I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F64, HALF = ir.FloatType(), ir.DoubleType(), ir.HalfType()
+PTR = ir.PointerType()
+KERNEL_TYPE = ir.FunctionType(ir.VoidType(), [PTR] * 6 + [I64, I64])
+
+CONTRACT = ("contract",)
+REASSOC = ("reassoc", "contract")
+
+
+def kernel_names(rule: UpdateRule) -> tuple[str, str | None]:
+    """(update kernel symbol, reduce kernel symbol or None)."""
+    base = f"stepjit_{rule.name}_{rule.key[:8]}"
+    return f"{base}_update", (f"{base}_reduce" if rule.reductions else None)
+
+
+# -- value representation ---------------------------------------------------------------------
+def value_type(dtype: DType, f16_native: bool) -> ir.Type:
+    """How a value of `dtype` is held in registers (and in memory)."""
+    if dtype is DType.F16:
+        return HALF if f16_native else I16
+    return {DType.BOOL: I1, DType.BF16: I16, DType.F32: F32, DType.F64: F64}[dtype]
+
+
+@dataclass
+class _Ctx:
+    """Where emitters find their builder, the module and the values computed so far."""
+
+    builder: ir.IRBuilder
+    f16_native: bool
+    values: dict[Expr, ir.Value] = field(default_factory=dict)
+    slots: dict[str, ir.Value] = field(default_factory=dict)  # slot name -> data pointer
+    index: ir.Value | None = None  # the element index inside an element loop
+    labels: dict[Expr, str] = field(default_factory=dict)  # node -> "v7.mul"
+
+    @property
+    def module(self) -> ir.Module:
+        return self.builder.module
+
+    def intrinsic(self, name: str, ty: ir.Type) -> ir.Function:
+        return self.module.declare_intrinsic(name, [ty])
+
+    # conversions between a dtype's register form and float32/float64
+    def widen(self, v: ir.Value, dtype: DType) -> ir.Value:
+        """A float or double holding `v` exactly (half types become float)."""
+        b = self.builder
+        if dtype is DType.F16:
+            return b.fpext(v, F32) if self.f16_native else _soft_half_to_float(b, v)
+        if dtype is DType.BF16:
+            return b.bitcast(b.shl(b.zext(v, I32), I32(16)), F32)
+        if dtype is DType.BOOL:
+            return b.uitofp(v, F32)
+        return v
+
+    def narrow(self, v: ir.Value, dtype: DType) -> ir.Value:
+        """`v` (a float or double) rounded to nearest-even into `dtype`."""
+        b = self.builder
+        if dtype in (DType.F16, DType.BF16) and v.type == F64:
+            v = b.fptrunc(v, F32)  # double -> half goes through float (LLVM has no libcall-free path)
+        if dtype is DType.F16:
+            return b.fptrunc(v, HALF) if self.f16_native else _soft_float_to_half(b, v)
+        if dtype is DType.BF16:
+            return _float_to_bfloat(b, v)
+        if dtype is DType.BOOL:
+            return b.fcmp_unordered("!=", v, ir.Constant(v.type, 0.0))
+        if dtype is DType.F32 and v.type == F64:
+            return b.fptrunc(v, F32)
+        if dtype is DType.F64 and v.type == F32:
+            return b.fpext(v, F64)
+        return v
+
+
+# -- emitters: one per op ------------------------------------------------------------------------
+def _arith(fn: Callable[[_Ctx, list[ir.Value]], ir.Value]):
+    """An emitter computing in float/double; half operands are widened and the result rounded."""
+
+    def emit(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+        srcs = node.src
+        if any(s.dtype.is_half for s in srcs):
+            wide = [ctx.widen(v, s.dtype) for v, s in zip(ops, srcs)]
+            return ctx.narrow(fn(ctx, wide), node.dtype) if node.dtype.is_half else fn(ctx, wide)
+        return fn(ctx, ops)
+
+    return emit
+
+
+def _nan_propagating(pred: str):
+    def fn(ctx: _Ctx, ops: list[ir.Value]) -> ir.Value:
+        b, (x, y) = ctx.builder, ops
+        picked = b.select(b.fcmp_ordered(pred, x, y), x, y)
+        either_nan = b.fcmp_unordered("uno", x, y)
+        return b.select(either_nan, b.fadd(x, y), picked)  # x + y is NaN when either is
+
+    return fn
+
+
+def _external(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    raise KeyError(f"{node.op.value} {node.arg}: not provided to this function")  # pragma: no cover
+
+
+def _load(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    ty = value_type(node.dtype, ctx.f16_native)
+    ptr = ctx.builder.gep(ctx.slots[node.arg], [ctx.index], inbounds=True, source_etype=ty)
+    return ctx.builder.load(ptr, typ=ty, align=node.dtype.itemsize)
+
+
+def _const(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    if node.dtype is DType.BOOL:
+        return I1(int(bool(node.arg)))
+    if node.dtype.is_half:
+        return ctx.narrow(ir.Constant(F32, node.arg), node.dtype)
+    return ir.Constant(value_type(node.dtype, ctx.f16_native), node.arg)
+
+
+def _cast(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    return ctx.narrow(ctx.widen(ops[0], node.src[0].dtype), node.dtype)
+
+
+def _sqrt(ctx: _Ctx, ops: list[ir.Value]) -> ir.Value:
+    return ctx.builder.call(ctx.intrinsic("llvm.sqrt", ops[0].type), ops)
+
+
+def _abs(ctx: _Ctx, ops: list[ir.Value]) -> ir.Value:
+    return ctx.builder.call(ctx.intrinsic("llvm.fabs", ops[0].type), ops)
+
+
+LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
+    Op.TENSOR: _load,
+    Op.SCALAR: _external,  # loaded from the scalars array at kernel entry
+    Op.PER_TENSOR: _external,  # loaded from the per-tensor table for each chunk
+    Op.SUM: _external,  # added up from the partials for each chunk
+    Op.CONST: _const,
+    Op.CAST: _cast,
+    Op.NEG: _arith(lambda c, o: c.builder.fneg(o[0])),
+    Op.SQRT: _arith(_sqrt),
+    Op.ABS: _arith(_abs),
+    Op.ADD: _arith(lambda c, o: c.builder.fadd(*o, flags=CONTRACT)),
+    Op.SUB: _arith(lambda c, o: c.builder.fsub(*o, flags=CONTRACT)),
+    Op.MUL: _arith(lambda c, o: c.builder.fmul(*o, flags=CONTRACT)),
+    Op.DIV: _arith(lambda c, o: c.builder.fdiv(*o, flags=CONTRACT)),
+    Op.MAX: _arith(_nan_propagating(">")),
+    Op.MIN: _arith(_nan_propagating("<")),
+    Op.CMPLT: _arith(lambda c, o: c.builder.fcmp_ordered("<", *o)),
+    Op.WHERE: lambda c, n, o: c.builder.select(*o),
+}
+
+
+def _emit(ctx: _Ctx, nodes: list[Expr]) -> None:
+    for n in nodes:
+        if n not in ctx.values:
+            v = LLVM_OPS[n.op](ctx, n, [ctx.values[s] for s in n.src])
+            if isinstance(v, ir.Instruction) and v.name.startswith(".") and n in ctx.labels:
+                v.name = ctx.labels[n]  # the rule's node number, as in its text dump
+            ctx.values[n] = v
+
+
+# -- the kernel skeletons ------------------------------------------------------------------------
+def lower(rule: UpdateRule, *, f16_native: bool = True) -> ir.Module:
+    """An LLVM module holding the rule's kernels (see the module docstring for the ABI).
+
+    `f16_native`: the target converts half precision in hardware (x86 F16C). Without it, half
+    conversions are emitted as integer code, because the library calls LLVM would otherwise
+    emit are not available to the JIT.
+    """
+    module = ir.Module(name=rule.name)
+    module.triple = ""  # set by the runtime from the target machine
+    update_name, reduce_name = kernel_names(rule)
+    out_exprs = [e for _, e in rule.outputs]
+    if rule.reductions:
+        sources = [r.src[0] for r in rule.reductions]
+        body = _element_function(module, rule, f"{reduce_name}_body", sources, f16_native, True)
+        _chunk_kernel(module, rule, reduce_name, body, sources, f16_native, reduce=True)
+    body = _element_function(module, rule, f"{update_name}_body", out_exprs, f16_native, False)
+    _chunk_kernel(module, rule, update_name, body, out_exprs, f16_native, reduce=False)
+    return module
+
+
+def _labels(rule: UpdateRule) -> dict[Expr, str]:
+    return {n: f"v{i}.{n.op.value}" for i, n in enumerate(rule.nodes)}
+
+
+def _reachable_elementwise(roots: list[Expr]) -> tuple[list[Expr], list[Expr]]:
+    """(elementwise nodes needed by roots, in order; uniform values they read)."""
+    needed: set[Expr] = set()
+    todo = [r for r in roots if r.elementwise]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(s for s in n.src if s.elementwise)
+    inputs = {s for n in needed for s in n.src if not s.elementwise}
+    inputs |= {r for r in roots if not r.elementwise}
+    return needed, inputs
+
+
+def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Function:
+    """The element loop: (slot pointers..., uniform inputs..., begin, end[, partials out])."""
+    needed, inputs = _reachable_elementwise(roots)
+    order = [n for n in rule.nodes if n in needed]
+    uniform = [n for n in rule.nodes if n in inputs]
+    slots = [s for s in rule.slots if any(n.op is Op.TENSOR and n.arg == s.name for n in order)
+             or (not reduce and s.written)]
+    arg_types = [PTR] * len(slots) + [value_type(u.dtype, f16_native) for u in uniform] + [I64, I64]
+    if reduce:
+        arg_types.append(PTR)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name=name)
+    fn.linkage = "internal"
+    for a, s in zip(fn.args, slots):
+        a.add_attribute("noalias")
+        a.name = s.name
+    for a, u in zip(fn.args[len(slots):], uniform):
+        a.name = u.arg if u.op in (Op.SCALAR, Op.PER_TENSOR) else _labels(rule)[u]
+    fn.args[len(slots) + len(uniform)].name = "begin"
+    fn.args[len(slots) + len(uniform) + 1].name = "end"
+    fn.uniform_inputs = uniform  # read by _chunk_kernel to pass the right values
+    fn.slot_names = [s.name for s in slots]
+
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    begin, end = fn.args[-3:-1] if reduce else fn.args[-2:]
+    b.cbranch(b.icmp_signed("<", begin, end), loop, done)
+
+    b.position_at_end(loop)
+    i = b.phi(I64, name="i")
+    i.add_incoming(begin, entry)
+    sums = []
+    if reduce:  # loop-carried accumulators: phis must open the block
+        for r in range(len(roots)):
+            acc = b.phi(F64, name=f"sum{r}")
+            acc.add_incoming(ir.Constant(F64, 0.0), entry)
+            sums.append(acc)
+    ctx = _Ctx(b, f16_native, index=i, labels=_labels(rule))
+    ctx.slots = dict(zip(fn.slot_names, fn.args))
+    ctx.values.update(zip(uniform, fn.args[len(slots):]))
+    _emit(ctx, order)
+    accs = []
+    if reduce:
+        for acc, root in zip(sums, roots):
+            accs.append((acc, b.fadd(acc, ctx.values[root], flags=REASSOC)))
+    else:
+        for slot, e in rule.outputs:
+            ty = value_type(e.dtype, f16_native)
+            ptr = b.gep(ctx.slots[slot], [i], inbounds=True, source_etype=ty)
+            b.store(ctx.values[e], ptr, align=e.dtype.itemsize)
+    nxt = b.add(i, I64(1), name="i.next")
+    i.add_incoming(nxt, b.block)
+    for acc, new in accs:
+        acc.add_incoming(new, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, end), loop, done)
+
+    b.position_at_end(done)
+    if reduce:
+        out = fn.args[-1]
+        for r, (acc, new) in enumerate(accs):
+            total = b.phi(F64)
+            total.add_incoming(ir.Constant(F64, 0.0), entry)
+            total.add_incoming(new, loop)
+            b.store(total, b.gep(out, [I64(r)], source_etype=F64), align=8)
+    b.ret_void()
+    return fn
+
+
+def _chunk_kernel(module, rule, name, body, roots, f16_native, reduce) -> ir.Function:
+    """The exported kernel: for each chunk, load its tensor's table row and call the body."""
+    fn = ir.Function(module, KERNEL_TYPE, name=name)
+    ptrs, chunks, tchunks, partials, per_tensor, scalars, c0, c1 = fn.args
+    for a, nm in zip(fn.args, ("ptrs", "chunks", "tchunks", "partials", "per_tensor", "scalars",
+                               "c0", "c1")):
+        a.name = nm
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("chunk")
+    done = fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    ctx = _Ctx(b, f16_native)
+
+    def load_at(base, index, ty):
+        return b.load(b.gep(base, [index], source_etype=ty), typ=ty)
+
+    for k, (sname, dtype) in enumerate(rule.scalars):
+        node = Expr(Op.SCALAR, dtype, arg=sname)
+        ctx.values[node] = v = ctx.narrow(load_at(scalars, I64(k), F64), dtype)
+        v.name = sname
+    b.cbranch(b.icmp_signed("<", c0, c1), loop, done)
+
+    b.position_at_end(loop)
+    c = b.phi(I64, name="c")
+    c.add_incoming(c0, entry)
+    row = b.mul(c, I64(3))
+    t = load_at(chunks, row, I64)
+    begin = load_at(chunks, b.add(row, I64(1)), I64)
+    end = load_at(chunks, b.add(row, I64(2)), I64)
+    n_slots, n_pt, n_red = len(rule.slots), len(rule.per_tensor), len(rule.reductions)
+    slot_ptr = {
+        s.name: load_at(ptrs, b.add(b.mul(t, I64(n_slots)), I64(k)), PTR)
+        for k, s in enumerate(rule.slots)
+    }
+    chunk_values = dict(ctx.values)
+    for k, (pname, dtype) in enumerate(rule.per_tensor):
+        raw = load_at(per_tensor, b.add(b.mul(t, I64(n_pt)), I64(k)), F64)
+        chunk_values[Expr(Op.PER_TENSOR, dtype, arg=pname)] = v = ctx.narrow(raw, dtype)
+        v.name = pname
+    if n_red and not reduce:
+        chunk_values.update(zip(rule.reductions, _sum_partials(b, fn, tchunks, partials, t, n_red)))
+    cctx = _Ctx(b, f16_native, values=chunk_values, labels=_labels(rule))
+    # uniform nodes the body needs, computed once per chunk
+    wanted = [n for n in rule.nodes if not n.elementwise and n.op is not Op.TENSOR]
+    needed = set(body.uniform_inputs)
+    closure = set()
+    todo = list(needed)
+    while todo:
+        n = todo.pop()
+        if n not in closure:
+            closure.add(n)
+            todo.extend(n.src)
+    _emit(cctx, [n for n in wanted if n in closure])
+    args = [slot_ptr[s] for s in body.slot_names] + [cctx.values[u] for u in body.uniform_inputs]
+    args += [begin, end]
+    if reduce:
+        args.append(b.gep(partials, [b.mul(c, I64(n_red))], source_etype=F64))
+    b.call(body, args)
+    nxt = b.add(c, I64(1))
+    c.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, c1), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def _sum_partials(b: ir.IRBuilder, fn, tchunks, partials, t, n_red) -> list[ir.Value]:
+    """Each reduction of tensor t: its chunks' partial sums added in chunk order."""
+    first = b.load(b.gep(tchunks, [b.mul(t, I64(2))], source_etype=I64), typ=I64)
+    count = b.load(b.gep(tchunks, [b.add(b.mul(t, I64(2)), I64(1))], source_etype=I64), typ=I64)
+    stop = b.add(first, count)
+    head = b.block
+    loop = fn.append_basic_block("partials")
+    after = fn.append_basic_block("partials.done")
+    b.cbranch(b.icmp_signed("<", first, stop), loop, after)
+    b.position_at_end(loop)
+    k = b.phi(I64)
+    k.add_incoming(first, head)
+    accs = []
+    for r in range(n_red):
+        acc = b.phi(F64)
+        acc.add_incoming(ir.Constant(F64, 0.0), head)
+        part = b.load(b.gep(partials, [b.add(b.mul(k, I64(n_red)), I64(r))], source_etype=F64),
+                      typ=F64)
+        accs.append((acc, b.fadd(acc, part)))  # no reassoc: chunk order, deterministic
+    nxt = b.add(k, I64(1))
+    k.add_incoming(nxt, loop)
+    for acc, new in accs:
+        acc.add_incoming(new, loop)
+    b.cbranch(b.icmp_signed("<", nxt, stop), loop, after)
+    b.position_at_end(after)
+    sums = []
+    for acc, new in accs:
+        s = b.phi(F64)
+        s.add_incoming(ir.Constant(F64, 0.0), head)
+        s.add_incoming(new, loop)
+        sums.append(s)
+    return sums
+
+
+# -- half and bfloat16 conversions as integer code (no library calls) -----------------------------
+def _float_to_bfloat(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN."""
+    bits = b.bitcast(v, I32)
+    lsb = b.and_(b.lshr(bits, I32(16)), I32(1))
+    rounded = b.lshr(b.add(bits, b.add(I32(0x7FFF), lsb)), I32(16))
+    quiet_nan = b.or_(b.lshr(bits, I32(16)), I32(0x40))
+    is_nan = b.fcmp_unordered("uno", v, v)
+    return b.trunc(b.select(is_nan, quiet_nan, rounded), I16)
+
+
+def _soft_half_to_float(b: ir.IRBuilder, h: ir.Value) -> ir.Value:
+    """IEEE half bits -> float, exactly (normals, subnormals, inf, NaN)."""
+    x = b.zext(h, I32)
+    sign = b.shl(b.and_(x, I32(0x8000)), I32(16))
+    exp = b.and_(b.lshr(x, I32(10)), I32(0x1F))
+    mant = b.and_(x, I32(0x3FF))
+    normal = b.or_(b.shl(b.add(exp, I32(112)), I32(23)), b.shl(mant, I32(13)))
+    special = b.or_(I32(0x7F800000), b.shl(mant, I32(13)))
+    subnormal = b.bitcast(b.fmul(b.uitofp(mant, F32), ir.Constant(F32, 2.0**-24)), I32)
+    mag = b.select(b.icmp_unsigned("==", exp, I32(0x1F)), special,
+                   b.select(b.icmp_unsigned("==", exp, I32(0)), subnormal, normal))
+    return b.bitcast(b.or_(sign, mag), F32)
+
+
+def _soft_float_to_half(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """float -> IEEE half bits, round to nearest even (overflow to inf, subnormals, NaN)."""
+    x = b.bitcast(v, I32)
+    sign = b.and_(b.lshr(x, I32(16)), I32(0x8000))
+    ax = b.and_(x, I32(0x7FFFFFFF))
+    # normal range: rebias the exponent and round the 13 dropped bits to nearest even
+    odd = b.and_(b.lshr(ax, I32(13)), I32(1))
+    normal = b.lshr(b.add(ax, b.add(I32(((15 - 127) << 23) + 0xFFF), odd)), I32(13))
+    # below the smallest normal half: adding 0.5 rounds to a multiple of 2**-24 in hardware
+    tiny = b.sub(b.bitcast(b.fadd(b.bitcast(ax, F32), ir.Constant(F32, 0.5)), I32),
+                 I32(0x3F000000))
+    mag = b.select(b.icmp_unsigned("<", ax, I32(0x38800000)), tiny, normal)
+    mag = b.select(b.icmp_unsigned(">=", ax, I32(0x477FF000)), I32(0x7C00), mag)
+    mag = b.select(b.icmp_unsigned(">", ax, I32(0x7F800000)), I32(0x7E00), mag)
+    return b.trunc(b.or_(sign, mag), I16)

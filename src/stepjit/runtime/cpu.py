@@ -1,0 +1,357 @@
+"""The LLVM backend: rules compiled for the host CPU with llvmlite, run through ctypes.
+
+compile:  lower (codegen.llvm) -> parse -> optimize (new pass manager, O3, host CPU) ->
+          object code -> loaded into one MCJIT engine. Object code is cached in memory and on
+          disk (`DiskCache`), keyed by the rule's text, the target and the library versions.
+launch:   one native call per (group, dtype combination) over a table of every tensor, split
+          into chunks; large launches are split across a persistent thread pool (ctypes
+          releases the GIL during the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import llvmlite
+import llvmlite.binding as llvm
+import numpy as np
+
+from .._version import __version__
+from ..codegen import llvm as codegen
+from ..ir import UpdateRule
+from . import arrays
+from . import cache as kcache
+from .backend import Backend, Launch
+
+log = logging.getLogger("stepjit")
+
+CHUNK = 1 << 15  # elements per chunk: the unit of work split across threads
+PARALLEL_MIN = 1 << 19  # launches over fewer elements run in the calling thread
+KERNEL_CFUNC = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 6, ctypes.c_int64, ctypes.c_int64)
+
+
+class CompileError(RuntimeError):
+    """Raised when generated code cannot be compiled or loaded safely."""
+
+
+# -- the host target --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostTarget:
+    triple: str
+    cpu: str
+    features: str
+
+    @property
+    def f16_native(self) -> bool:
+        """Whether LLVM converts half precision without library calls on this target."""
+        if self.triple.startswith(("x86_64", "i686", "i386")):
+            return "+f16c" in self.features.split(",")
+        return self.triple.startswith(("aarch64", "arm64"))
+
+    @property
+    def description(self) -> str:
+        return f"{self.triple} {self.cpu} {self.features}"
+
+
+@cache
+def host_target() -> HostTarget:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return HostTarget(
+        llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    )
+
+
+def _new_target_machine() -> llvm.TargetMachine:
+    t = host_target()
+    target = llvm.Target.from_triple(t.triple)
+    return target.create_target_machine(cpu=t.cpu, features=t.features, opt=3, jit=True)
+
+
+# For compiling. An MCJIT engine takes ownership of (and frees) the target machine it is given,
+# so every engine gets a fresh one of its own instead of this shared instance.
+_target_machine = cache(_new_target_machine)
+
+
+def _fingerprint() -> str:
+    """Changes whenever the code generator's source does (so a stale cache is never loaded)."""
+    src = Path(codegen.__file__).read_bytes()
+    return hashlib.sha256(src + __version__.encode() + llvmlite.__version__.encode()).hexdigest()
+
+
+# -- compile stages (also used by `stepjit dump`) -----------------------------------------------
+@dataclass
+class Timings:
+    """Seconds spent in each compile phase."""
+
+    lower: float = 0.0
+    parse: float = 0.0
+    optimize: float = 0.0
+    codegen: float = 0.0
+    load: float = 0.0
+    disk: float = 0.0
+
+    def total(self) -> float:
+        return self.lower + self.parse + self.optimize + self.codegen + self.load + self.disk
+
+
+def lower_text(rule: UpdateRule, f16_native: bool | None = None) -> str:
+    """The rule's kernels as LLVM IR text, before optimization."""
+    t = host_target()
+    module = codegen.lower(rule, f16_native=t.f16_native if f16_native is None else f16_native)
+    module.triple = t.triple
+    module.data_layout = str(_target_machine().target_data)
+    return str(module)
+
+
+def optimize(ir_text: str) -> llvm.ModuleRef:
+    """Parse and optimize (O3 for the host CPU) LLVM IR text."""
+    mod = llvm.parse_assembly(ir_text)
+    mod.verify()
+    tm = _target_machine()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def assembly(rule: UpdateRule, f16_native: bool | None = None) -> str:
+    """The rule's kernels as host assembly."""
+    return _target_machine().emit_assembly(optimize(lower_text(rule, f16_native)))
+
+
+# -- the backend ---------------------------------------------------------------------------------
+@dataclass
+class CPUKernel:
+    rule: UpdateRule
+    update: object  # ctypes function
+    reduce: object | None
+    timings: Timings = field(default_factory=Timings)
+    source: str = "compiled"  # "compiled", "disk" or "memory"
+
+
+class LLVMBackend(Backend):
+    """Host arrays, through LLVM. One per process (see `select.py`)."""
+
+    name = "llvm"
+
+    def __init__(self, f16_native: bool | None = None) -> None:
+        self.target = host_target()
+        self.f16_native = self.target.f16_native if f16_native is None else f16_native
+        self._lock = threading.Lock()
+        self._kernels: dict[str, CPUKernel] = {}
+        self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_target_machine())
+        self._disk = kcache.DiskCache("llvm", ".o")
+        self._fingerprint = _fingerprint()
+
+    def cache_key(self, rule: UpdateRule) -> str:
+        h = hashlib.sha256()
+        for part in (rule.text, self.target.description, str(self.f16_native), self._fingerprint):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:40]
+
+    def compile(self, rule: UpdateRule) -> CPUKernel:
+        key = self.cache_key(rule)
+        with self._lock:
+            kernel = self._kernels.get(key)
+            if kernel is not None:
+                kcache.record(memory_hits=1)
+                return kernel
+            kernel = self._build(rule, key)
+            self._kernels[key] = kernel
+            return kernel
+
+    def _build(self, rule: UpdateRule, key: str) -> CPUKernel:
+        timings = Timings()
+        t0 = time.perf_counter()
+        obj = self._disk.get(key)
+        timings.disk = time.perf_counter() - t0
+        source = "disk"
+        if obj is None or not self._safe(obj, rule, quiet=True):
+            source = "compiled"
+            obj = self._compile_object(rule, timings)
+            self._safe(obj, rule, quiet=False)
+            self._disk.put(key, obj)
+        t0 = time.perf_counter()
+        self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        update_name, reduce_name = codegen.kernel_names(rule)
+        update = KERNEL_CFUNC(self._engine.get_function_address(update_name))
+        reduce = KERNEL_CFUNC(self._engine.get_function_address(reduce_name)) if reduce_name else None
+        timings.load = time.perf_counter() - t0
+        seconds = timings.total()
+        if source == "disk":
+            kcache.record(disk_hits=1, seconds=seconds)
+        else:
+            kcache.record(compiles=1, seconds=seconds)
+        log.debug(
+            "llvm %s %s: lower %.2f ms, parse %.2f ms, optimize %.2f ms, codegen %.2f ms, "
+            "load %.2f ms, disk %.2f ms", source, rule.name, *(1e3 * x for x in (
+                timings.lower, timings.parse, timings.optimize, timings.codegen, timings.load,
+                timings.disk)),
+        )
+        dump_dir = os.environ.get("STEPJIT_DUMP_DIR")
+        if dump_dir:
+            _dump(Path(dump_dir), rule, self.f16_native)
+        return CPUKernel(rule, update, reduce, timings, source)
+
+    def _compile_object(self, rule: UpdateRule, timings: Timings) -> bytes:
+        t0 = time.perf_counter()
+        text = lower_text(rule, self.f16_native)
+        t1 = time.perf_counter()
+        mod = llvm.parse_assembly(text)
+        mod.verify()
+        t2 = time.perf_counter()
+        pto = llvm.create_pipeline_tuning_options(speed_level=3)
+        pto.loop_vectorization = True
+        pto.slp_vectorization = True
+        pb = llvm.create_pass_builder(_target_machine(), pto)
+        pb.getModulePassManager().run(mod, pb)
+        t3 = time.perf_counter()
+        obj = _target_machine().emit_object(mod)
+        t4 = time.perf_counter()
+        timings.lower, timings.parse = t1 - t0, t2 - t1
+        timings.optimize, timings.codegen = t3 - t2, t4 - t3
+        return obj
+
+    def _safe(self, obj: bytes, rule: UpdateRule, quiet: bool) -> bool:
+        """Refuse object code that calls a symbol the JIT cannot resolve (it would crash)."""
+        missing = [s for s in undefined_symbols(obj) if not llvm.address_of_symbol(s)]
+        if missing and not quiet:
+            raise CompileError(
+                f"kernel {rule.name} needs symbols this process does not provide: "
+                f"{', '.join(missing)} (is the target missing a CPU feature such as F16C?)"
+            )
+        return not missing
+
+    def bind(self, kernel: CPUKernel, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
+        return CPULaunch(kernel, tensors, per_tensor)
+
+
+def _dump(directory: Path, rule: UpdateRule, f16_native: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{rule.name}.ir.txt").write_text(rule.text + "\n")
+    (directory / f"{rule.name}.ll").write_text(lower_text(rule, f16_native))
+
+
+# -- the launch table ---------------------------------------------------------------------------
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+class CPULaunch(Launch):
+    """A compiled rule bound to a fixed list of host tensors (the tables live here)."""
+
+    def __init__(self, kernel: CPUKernel, tensors: list[tuple], per_tensor: np.ndarray) -> None:
+        rule = kernel.rule
+        self.rule, self.kernel = rule, kernel
+        self.per_tensor = per_tensor
+        if per_tensor.dtype != np.float64 or not per_tensor.flags.c_contiguous:
+            raise ValueError("per_tensor must be a C-contiguous float64 array")
+        self._keep = tensors  # the pointers below are only valid while these arrays live
+        n = len(tensors)
+        self._ptrs = np.array(
+            [[arrays.data_ptr(a) for a in t] for t in tensors], dtype=np.uintp
+        ).reshape(n, len(rule.slots))
+        numel = np.array([t[0].size for t in tensors], dtype=np.int64)
+        self._chunks, self._tchunks = chunk_table(numel)
+        n_chunks = len(self._chunks)
+        self._partials = np.zeros(max(1, n_chunks * len(rule.reductions)))
+        self._scalars = np.zeros(max(1, len(rule.scalars)))
+        self._args = tuple(
+            _addr(a) for a in (self._ptrs, self._chunks, self._tchunks, self._partials,
+                               per_tensor, self._scalars)
+        )
+        self.parts = _split(self._chunks, num_threads() if numel.sum() >= PARALLEL_MIN else 1)
+
+    def __call__(self, scalars: Sequence[float]) -> None:
+        if scalars:
+            self._scalars[: len(scalars)] = scalars
+        if self.kernel.reduce is not None:
+            _run_parts(self.kernel.reduce, self._args, self.parts)
+        _run_parts(self.kernel.update, self._args, self.parts)
+
+
+def chunk_table(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n_chunks, 3] tensor/begin/end, [n_tensors, 2] first chunk/count), no Python loop."""
+    counts = np.maximum(1, -(-numel // CHUNK))
+    first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    tensor = np.repeat(np.arange(len(numel), dtype=np.int64), counts)
+    begin = (np.arange(len(tensor), dtype=np.int64) - first[tensor]) * CHUNK
+    end = np.minimum(begin + CHUNK, numel[tensor])
+    chunks = np.ascontiguousarray(np.stack([tensor, begin, end], axis=1), dtype=np.int64)
+    tchunks = np.ascontiguousarray(np.stack([first, counts], axis=1), dtype=np.int64)
+    return chunks, tchunks
+
+
+def _split(chunks: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous chunk ranges holding about equal numbers of elements."""
+    if parts <= 1 or len(chunks) <= 1:
+        return [(0, len(chunks))]
+    cum = np.cumsum(chunks[:, 2] - chunks[:, 1])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts)
+    bounds = np.unique(np.concatenate(([0], cuts, [len(chunks)])))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+# -- threads -----------------------------------------------------------------------------------
+@cache
+def num_threads() -> int:
+    """STEPJIT_NUM_THREADS, else every core this process may run on."""
+    env = os.environ.get("STEPJIT_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, num_threads() - 1), thread_name_prefix="stepjit")
+
+
+def _run_parts(fn, args: tuple, parts: list[tuple[int, int]]) -> None:
+    if len(parts) == 1:
+        fn(*args, *parts[0])
+        return
+    futures = [_pool().submit(fn, *args, lo, hi) for lo, hi in parts[1:]]
+    fn(*args, *parts[0])
+    for f in futures:
+        f.result()
+
+
+# -- object files ------------------------------------------------------------------------------
+def undefined_symbols(obj: bytes) -> list[str]:
+    """Names an ELF64 object file needs from elsewhere ([] for other formats: not checked)."""
+    if obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
+        return []
+    shoff, = struct.unpack_from("<Q", obj, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
+    names = []
+    for sh in sections:
+        if sh[1] != 2:  # SHT_SYMTAB
+            continue
+        _, _, _, _, off, size, link, _, _, entsize = sh
+        strtab_off = sections[link][4]
+        for k in range(size // entsize):
+            name_off, info, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", obj, off + k * entsize)
+            if shndx == 0 and name_off:  # SHN_UNDEF, named
+                end = obj.index(b"\0", strtab_off + name_off)
+                names.append(obj[strtab_off + name_off : end].decode())
+    return names
