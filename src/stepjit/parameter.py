@@ -50,8 +50,9 @@ class Parameter:
     def data(self, value) -> None:
         if not arrays.is_array(value):
             raise TypeError(f"Parameter.data must be an array, got {arrays.type_name(value)}")
-        self._data = value
-        _bump()
+        if value is not self._data:  # `p.data -= x` assigns the same array back
+            self._data = value
+            _bump()
 
     @property
     def grad(self):
@@ -61,8 +62,9 @@ class Parameter:
     def grad(self, value) -> None:
         if value is not None and not arrays.is_array(value):
             raise TypeError(f"Parameter.grad must be an array or None, got {arrays.type_name(value)}")
-        self._grad = value
-        _bump()
+        if value is not self._grad:  # `p.grad += g` assigns the same array back
+            self._grad = value
+            _bump()
 
     @property
     def shape(self) -> tuple[int, ...]:
