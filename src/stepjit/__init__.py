@@ -13,6 +13,8 @@ host arrays or CUDA C for CuPy arrays, compiled once per configuration structure
 from . import optim
 from ._version import __version__
 from .parameter import Parameter
-from .runtime.cache import CacheInfo, cache_info, reset_cache_info
+from .runtime.cache import CacheInfo, cache_info, configure_logging, reset_cache_info
+
+configure_logging()
 
 __all__ = ["CacheInfo", "Parameter", "__version__", "cache_info", "optim", "reset_cache_info"]

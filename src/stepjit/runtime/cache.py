@@ -57,6 +57,17 @@ def reset_cache_info() -> None:
 # -- the on-disk cache of compiled code -----------------------------------------------------------
 
 log = logging.getLogger("stepjit")
+
+
+def configure_logging() -> None:
+    """STEPJIT_LOG=debug (or info, warning) sends the library's log to stderr."""
+    level = os.environ.get("STEPJIT_LOG")
+    if level and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("stepjit %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(getattr(logging, level.upper(), logging.DEBUG))
+
 _MAGIC = b"STEPJIT\x01"
 _warned: set[str] = set()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 from .backend import Backend
+from .cache import warn_once
 
 NAMES = ("reference", "llvm", "cuda")
 
@@ -49,12 +49,8 @@ def select_backend(explicit: str | None, devices: set[str]) -> Backend:
     if requested is None:
         requested = "cuda" if on_gpu else "llvm"
         if requested == "llvm" and (reason := _llvm_usable()) is not None:
-            warnings.warn(
-                f"stepjit: the LLVM backend cannot be used ({reason}); "
-                "falling back to the (slow) reference interpreter",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn_once("no-llvm", f"the LLVM backend cannot be used ({reason}); "
+                      "falling back to the (slow) reference interpreter")
             requested = "reference"
     if requested == "cuda" and not on_gpu:
         raise ValueError("backend 'cuda' needs CuPy arrays; these parameters are numpy arrays")
