@@ -15,7 +15,7 @@ import weakref
 from typing import Union
 
 from .dtypes import DType
-from .ops import BINARY, LEAVES, REDUCE, TERNARY, UNARY, Op
+from .ops import BINARY, LEAVES, REDUCE, UNARY, Op
 
 Operand = Union["Expr", int, float]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -316,12 +315,13 @@ class Optimizer:
             if grad is None:
                 continue
             if kind == "zero":
-                pd, gd = _check_gradient(where_, grad), _check_gradient(where_, grad)
+                pd = gd = _check_gradient(where_, grad)
+                span = arrays.byte_span(p.data)
             else:
-                pd, gd = _check_tensor_pair(where_, p.data, grad)
+                pd, gd, span = _check_tensor_pair(where_, p.data, grad)
             by_dtypes.setdefault((pd, gd), []).append((p, grad))
             if p.data.size:
-                spans.append((*arrays.byte_span(p.data), where_))
+                spans.append((*span, where_))
         spans.sort()
         for (a0, a1, wa), (b0, b1, wb) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -376,15 +376,17 @@ def _check_gradient(where_: str, grad) -> DType:
     """Check a gradient that zero_grad() writes into."""
     if arrays.dtype(grad) is None:
         raise TypeError(f"{where_}: gradient dtype {grad.dtype} is not a floating type")
-    if not (arrays.is_writeable(grad) and arrays.is_contiguous(grad) and arrays.is_aligned(grad)):
+    aligned = arrays.data_ptr(grad) % grad.dtype.itemsize == 0
+    if not (arrays.is_writeable(grad) and arrays.is_contiguous(grad) and aligned):
         raise ValueError(f"{where_}: gradient must be writeable, contiguous and aligned to zero it")
     return arrays.dtype(grad)
 
 
-def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType]:
-    """Check a parameter and its gradient for a step; return their dtypes."""
-    for what, arr in (("parameter", data), ("gradient", grad)):
-        if arrays.dtype(arr) is None:
+def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType, tuple[int, int]]:
+    """Check a parameter and its gradient for a step: their dtypes and the parameter's bytes."""
+    pd, gd = arrays.dtype(data), arrays.dtype(grad)
+    for what, arr, dt in (("parameter", data, pd), ("gradient", grad, gd)):
+        if dt is None:
             raise TypeError(f"{where_}: {what} dtype {arr.dtype} is not a floating type "
                             "(float16, bfloat16, float32 or float64)")
     if tuple(grad.shape) != tuple(data.shape):
@@ -395,16 +397,19 @@ def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType]:
                          f"{arrays.device(data)}")
     if not arrays.is_writeable(data):
         raise ValueError(f"{where_}: parameter is read-only")
+    spans = []
     for what, arr in (("parameter", data), ("gradient", grad)):
         if not arrays.is_contiguous(arr):
             raise ValueError(f"{where_}: {what} is not C-contiguous; pass a contiguous array "
                              "(numpy.ascontiguousarray)")
-        if not arrays.is_aligned(arr):
+        span = arrays.byte_span(arr)
+        if span[0] % arr.dtype.itemsize:
             raise ValueError(f"{where_}: {what} is not aligned to its element size; "
                              "copy it (numpy.require(a, requirements='A'))")
-    if arrays.overlaps(data, grad):
+        spans.append(span)
+    if arrays.overlap(*spans):
         raise ValueError(f"{where_}: parameter and gradient share memory")
-    return arrays.dtype(data), arrays.dtype(grad)
+    return pd, gd, spans[0]
 
 
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False,

@@ -36,15 +36,23 @@ def device(x) -> str:
     return f"cuda:{x.device.id}"
 
 
+_DTYPES: dict = {}
+
+
 def dtype(x) -> DType | None:
-    """The IR dtype of an array, or None for dtypes the library does not update (int, complex...)."""
-    d = DType.from_numpy(x.dtype)
-    return None if d is None or d is DType.BOOL else d
+    """The IR dtype of an array, or None for dtypes the library does not update (int, complex)."""
+    try:
+        return _DTYPES[x.dtype]
+    except KeyError:
+        d = DType.from_numpy(x.dtype)
+        d = None if d is None or d is DType.BOOL else d
+        _DTYPES[x.dtype] = d
+        return d
 
 
 def data_ptr(x) -> int:
     if isinstance(x, np.ndarray):
-        return x.__array_interface__["data"][0]
+        return x.ctypes.data
     return x.data.ptr
 
 
@@ -56,22 +64,15 @@ def is_contiguous(x) -> bool:
     return bool(x.flags.c_contiguous)
 
 
-def is_aligned(x) -> bool:
-    return data_ptr(x) % x.dtype.itemsize == 0 if x.size else True
-
-
 def byte_span(x) -> tuple[int, int]:
     """[start, end) of the bytes a contiguous array occupies."""
     start = data_ptr(x)
     return start, start + x.size * x.dtype.itemsize
 
 
-def overlaps(a, b) -> bool:
-    """Whether two contiguous arrays share any byte."""
-    if a.size == 0 or b.size == 0 or device(a) != device(b):
-        return False
-    (a0, a1), (b0, b1) = byte_span(a), byte_span(b)
-    return a0 < b1 and b0 < a1
+def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two non-empty byte spans share a byte."""
+    return a[0] < b[1] and b[0] < a[1] and a[0] < a[1] and b[0] < b[1]
 
 
 def zeros(like, shape, dt: DType):
