@@ -40,7 +40,9 @@ class Expr:
     def __new__(cls, op: Op, dtype: DType, src: tuple[Expr, ...] = (), arg=None) -> Expr:
         if op is Op.CONST:
             arg = float(arg)
-        key = (op, dtype, src, arg)
+        # a literal is keyed by its bits' text: 0.0 == -0.0 would merge the two zeros, and
+        # nan != nan would never intern a NaN
+        key = (op, dtype, src, arg.hex() if op is Op.CONST else arg)
         node = cls._interned.get(key)
         if node is None:
             _check(op, dtype, src, arg)
