@@ -67,15 +67,7 @@ class Optimizer:
     """Base class of every stepjit optimizer (see the module docstring for the subclass API)."""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None) -> None:
-        self.defaults = dict(defaults)
-        self.param_groups: list[dict] = []
-        self.state: dict[Parameter, dict] = {}
-        self._accum: dict[Parameter, object] = {}  # accumulation buffers, kept across steps
-        self._pending: frozenset[Parameter] = frozenset()  # params with accumulated gradients
-        self._state_gen = 0  # bumped when state buffers are created or loaded
-        self._plans: dict[tuple, _Plan] = {}
-        self._requested_backend = backend
-
+        self._setup(defaults, [], {}, backend)
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
             raise TypeError(
                 "params must be an iterable of Parameters or of param-group dicts, "
@@ -88,6 +80,37 @@ class Optimizer:
         for g in groups:
             self.add_param_group(g)
         self._backend = self._select_backend()
+
+    def _setup(self, defaults: dict, param_groups: list, state: dict, backend) -> None:
+        self.defaults = dict(defaults)
+        self.param_groups: list[dict] = param_groups
+        self.state: dict = state
+        self._accum: dict = {}  # accumulation buffers, kept across steps
+        self._pending: frozenset = frozenset()  # params with accumulated gradients
+        self._state_gen = 0  # bumped when state buffers are created or loaded
+        self._plans: dict[tuple, _Plan] = {}
+        self._requested_backend = backend
+        self._has_torch = False
+
+    @classmethod
+    def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None):
+        """An optimizer that works on existing `param_groups` and `state` containers, shared,
+        not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own)."""
+        self = cls.__new__(cls)
+        self._setup({}, param_groups, state, backend)
+        for index, group in enumerate(param_groups):
+            for i, p in enumerate(group["params"]):
+                _check_param(f"param group {index}, parameter {i}", p)
+            self._check_group(index, group)
+        self._has_torch = any(arrays.is_torch(p) for g in param_groups for p in g["params"])
+        self._backend = self._select_backend()
+        return self
+
+    def share(self, param_groups: list[dict], state: dict) -> None:
+        """Point at new containers (after torch's load_state_dict replaced them)."""
+        if param_groups is not self.param_groups or state is not self.state:
+            self.param_groups, self.state = param_groups, state
+            self._state_gen += 1
 
     # -- the subclass interface ------------------------------------------------------------------
     def check_group(self, group: dict) -> None:
@@ -121,16 +144,12 @@ class Optimizer:
             raise ValueError("a param group needs a 'params' entry")
         if isinstance(params, (set, frozenset, dict)):
             raise TypeError(f"group params must be a sequence, got {arrays.type_name(params)}")
-        params = [params] if isinstance(params, Parameter) else list(params)
+        params = [params] if _is_param(params) else list(params)
         index = len(self.param_groups)
         if not params:
             raise ValueError(f"param group {index} has no parameters")
         for i, p in enumerate(params):
-            if not isinstance(p, Parameter):
-                raise TypeError(
-                    f"param group {index}, parameter {i}: expected stepjit.Parameter, "
-                    f"got {arrays.type_name(p)}"
-                )
+            _check_param(f"param group {index}, parameter {i}", p)
         seen = {p for g in self.param_groups for p in g["params"]}
         if len(set(params)) != len(params) or seen.intersection(params):
             raise ValueError(f"param group {index}: a parameter appears in more than one group")
@@ -144,9 +163,10 @@ class Optimizer:
         self._check_group(index, group)
         if hasattr(self, "_backend"):
             # the backend is chosen once for all params: a new group must live on the same device
-            devices = {arrays.device(p.data) for p in params} | self._devices()
+            devices = {arrays.device(_array(p)) for p in params} | self._devices()
             select_backend(self._requested_backend, devices)
         self.param_groups.append(group)
+        self._has_torch = self._has_torch or any(map(arrays.is_torch, params))
         self._state_gen += 1
 
     def step(self) -> None:
@@ -194,7 +214,9 @@ class Optimizer:
             packed["params"] = [index.setdefault(p, len(index)) for p in g["params"]]
             groups.append(packed)
         state = {
-            index[p]: {k: v.copy() for k, v in s.items()} for p, s in self.state.items() if p in index
+            index[p]: {k: arrays.copy(v) for k, v in s.items()}
+            for p, s in self.state.items()
+            if p in index
         }
         return {"state": state, "param_groups": groups}
 
@@ -222,16 +244,16 @@ class Optimizer:
             if p is None:
                 raise ValueError(f"state_dict has state for unknown parameter index {idx!r}")
             new_state[p] = {}
+            data = _array(p)
             for name, buf in buffers.items():
                 buf = np.asarray(buf) if not arrays.is_array(buf) else buf
-                if tuple(buf.shape) != p.shape:
+                if tuple(buf.shape) != tuple(data.shape):
                     raise ValueError(
                         f"state_dict: {name} of parameter {idx} has shape {tuple(buf.shape)}, "
-                        f"the parameter {p.shape}"
+                        f"the parameter {tuple(data.shape)}"
                     )
-                compute = arrays.dtype(p.data).compute
-                new_buf = arrays.zeros(p.data, p.shape, compute)
-                new_buf[...] = buf
+                new_buf = arrays.zeros(data, tuple(data.shape), arrays.dtype(data).compute)
+                arrays.assign(new_buf, buf)
                 new_state[p][name] = new_buf
         new_groups = []
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
@@ -254,7 +276,7 @@ class Optimizer:
 
     # -- planning: checks and launch tables --------------------------------------------------------
     def _devices(self) -> set[str]:
-        return {arrays.device(p.data) for g in self.param_groups for p in g["params"]}
+        return {arrays.device(_array(p)) for g in self.param_groups for p in g["params"]}
 
     def _select_backend(self) -> Backend:
         return select_backend(self._requested_backend, self._devices())
@@ -283,6 +305,8 @@ class Optimizer:
                 pending if kind == "step" else None,
                 id(group["params"]),
                 len(group["params"]),
+                # torch sets .grad (and may move .data) behind our back: compare them
+                _torch_fingerprint(group["params"]) if self._has_torch else None,
             )
             plan = self._plans.get((kind, index))
             if plan is not None and plan.token == token:
@@ -314,16 +338,17 @@ class Optimizer:
             grad = self._accum[p] if (kind == "step" and p in pending) else p.grad
             if grad is None:
                 continue
+            data = _array(p)
             if kind == "zero":
                 pd = gd = _check_gradient(where_, grad)
-                span = arrays.byte_span(p.data)
+                span = arrays.byte_span(data)
             else:
-                pd, gd, span = _check_tensor_pair(where_, p.data, grad)
+                pd, gd, span = _check_tensor_pair(where_, data, grad)
             by_dtypes.setdefault((pd, gd), []).append((p, grad))
-            if p.data.size:
-                spans.append((*span, where_))
+            spans.append((*span, where_))
         spans.sort()
-        for (a0, a1, wa), (b0, b1, wb) in zip(spans, spans[1:]):
+        spans = [s for s in spans if s[1] > s[0]]
+        for (_, a1, wa), (b0, _, wb) in zip(spans, spans[1:]):
             if b0 < a1:
                 raise ValueError(f"{wa} and {wb} overlap in memory; each must own its data")
         return by_dtypes
@@ -340,7 +365,8 @@ class Optimizer:
                 first = np.array([p not in pending for p in params], np.float64)
                 for p in params:
                     if p not in self._accum:
-                        self._accum[p] = arrays.zeros(p.data, p.shape, pd.compute)
+                        data = _array(p)
+                        self._accum[p] = arrays.zeros(data, tuple(data.shape), pd.compute)
                 yield rule, params, [(g, self._accum[p]) for p, g in items], first
                 continue
             rule = self.rule(structure, pd, gd)
@@ -350,13 +376,20 @@ class Optimizer:
                 if not state_slots:
                     break
                 st = self.state.setdefault(p, {})
+                data = _array(p)
                 for name in state_slots:
-                    if name not in st:
-                        st[name] = arrays.zeros(p.data, p.shape, rule.slot(name).dtype)
+                    want = rule.slot(name).dtype
+                    buf = st.get(name)
+                    if buf is None:
+                        st[name] = arrays.zeros(data, tuple(data.shape), want)
                         first[j] = 1.0
+                    elif arrays.dtype(buf) is not want or arrays.device(buf) != arrays.device(data):
+                        # a loaded buffer in another dtype (torch stores half state as half)
+                        st[name] = arrays.zeros(data, tuple(data.shape), want)
+                        arrays.assign(st[name], buf)
             tensors = []
             for p, g in items:
-                by_slot = {"param": p.data, "grad": g, **self.state.get(p, {})}
+                by_slot = {"param": _array(p), "grad": g, **self.state.get(p, {})}
                 tensors.append(tuple(by_slot[s.name] for s in rule.slots))
             yield rule, params, tensors, first
 
@@ -372,11 +405,39 @@ def _is_tensor_like(x: object) -> bool:
     return isinstance(x, Parameter) or arrays.is_array(x) or hasattr(x, "__dlpack__")
 
 
+def _is_param(x: object) -> bool:
+    return isinstance(x, Parameter) or arrays.is_torch(x)
+
+
+def _array(p):
+    """The array holding a parameter's values: a Parameter's `.data`, or the torch tensor itself."""
+    return p.data if isinstance(p, Parameter) else p
+
+
+def _check_param(where_: str, p) -> None:
+    if isinstance(p, Parameter):
+        return
+    if arrays.is_torch(p):
+        if not p.is_leaf:
+            raise ValueError(f"{where_}: the torch tensor is not a leaf (it is computed from "
+                             "other tensors); optimize the leaf tensors it comes from")
+        if not p.requires_grad:
+            raise ValueError(f"{where_}: the torch tensor does not require grad")
+        return
+    raise TypeError(f"{where_}: expected stepjit.Parameter or a torch tensor, "
+                    f"got {arrays.type_name(p)}")
+
+
+def _torch_fingerprint(params) -> tuple:
+    """What torch may change without telling us: the .grad objects and the data pointers."""
+    return tuple([(id(p.grad), p.data_ptr() if arrays.is_torch(p) else 0) for p in params])
+
+
 def _check_gradient(where_: str, grad) -> DType:
     """Check a gradient that zero_grad() writes into."""
     if arrays.dtype(grad) is None:
         raise TypeError(f"{where_}: gradient dtype {grad.dtype} is not a floating type")
-    aligned = arrays.data_ptr(grad) % grad.dtype.itemsize == 0
+    aligned = arrays.data_ptr(grad) % arrays.itemsize(grad) == 0
     if not (arrays.is_writeable(grad) and arrays.is_contiguous(grad) and aligned):
         raise ValueError(f"{where_}: gradient must be writeable, contiguous and aligned to zero it")
     return arrays.dtype(grad)
@@ -403,7 +464,7 @@ def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType, tuple[int
             raise ValueError(f"{where_}: {what} is not C-contiguous; pass a contiguous array "
                              "(numpy.ascontiguousarray)")
         span = arrays.byte_span(arr)
-        if span[0] % arr.dtype.itemsize:
+        if span[0] % arrays.itemsize(arr):
             raise ValueError(f"{where_}: {what} is not aligned to its element size; "
                              "copy it (numpy.require(a, requirements='A'))")
         spans.append(span)

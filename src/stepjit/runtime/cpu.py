@@ -266,7 +266,7 @@ class CPULaunch(Launch):
         self._ptrs = np.array(
             [[arrays.data_ptr(a) for a in t] for t in tensors], dtype=np.uintp
         ).reshape(n, len(rule.slots))
-        numel = np.array([t[0].size for t in tensors], dtype=np.int64)
+        numel = np.array([arrays.numel(t[0]) for t in tensors], dtype=np.int64)
         self._chunks, self._tchunks = chunk_table(numel)
         n_chunks = len(self._chunks)
         self._partials = np.zeros(max(1, n_chunks * len(rule.reductions)))

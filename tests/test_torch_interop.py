@@ -1,0 +1,238 @@
+"""torch tensors as parameters, and stepjit.torch.SGD as a torch.optim drop-in."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import stepjit  # noqa: E402
+import stepjit.torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).to(
+        dtype)
+
+
+def _train(model, opt, steps=6, lr_schedule=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 2, generator=g).to(dtype)
+    for k in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - y).float().pow(2).mean()
+        loss.backward()
+        if lr_schedule:
+            for group in opt.param_groups:
+                group["lr"] = 0.1 / (k + 1)
+        opt.step()
+
+
+def test_import_stepjit_does_not_import_torch():
+    code = "import sys, stepjit, stepjit.optim; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_tensors_in_stepjit_optim_follow_torch(backend, dtype):
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3)
+    a, b = _model(dtype), _model(dtype)
+    _train(a, torch.optim.SGD(a.parameters(), **kw), dtype=dtype)
+    opt = stepjit.optim.SGD(list(b.parameters()), backend=backend, **kw)
+    _train(b, opt, dtype=dtype)
+    assert opt.backend == backend
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, **tol)
+        assert isinstance(opt.state[pb]["momentum_buffer"], torch.Tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_torch_tensors_keep_float32_state(backend, dtype):
+    model = _model(dtype)
+    opt = stepjit.optim.SGD(list(model.parameters()), lr=0.05, momentum=0.9, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, steps=2, dtype=dtype)
+    for p, p0 in zip(model.parameters(), before):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+        assert p.dtype == dtype and not torch.equal(p, p0)
+
+
+def test_updates_are_in_place_and_zero_copy():
+    model = _model()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    opt = stepjit.optim.SGD(list(model.parameters()), lr=0.1)
+    w = next(model.parameters())
+    w.grad = torch.ones_like(w)
+    view = w.detach()  # shares storage: sees the update
+    before = view.clone()
+    opt.step()
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    torch.testing.assert_close(view, before - 0.1)
+
+
+def test_stepjit_zero_grad_on_torch_grads():
+    model = _model()
+    opt = stepjit.optim.SGD(list(model.parameters()), lr=0.1)
+    _train(model, opt, steps=1)
+    opt.zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad(reset=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_leaf_and_frozen_tensors_are_refused():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="parameter 0: the torch tensor is not a leaf"):
+        stepjit.optim.SGD([w * 2], lr=0.1)
+    with pytest.raises(ValueError, match="parameter 1: the torch tensor does not require grad"):
+        stepjit.optim.SGD([w, torch.randn(3)], lr=0.1)
+
+
+def test_torch_sgd_is_a_torch_optimizer_matching_torch():
+    a, b = _model(), _model()
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    ref = torch.optim.SGD(a.parameters(), **kw)
+    ours = stepjit.torch.SGD(b.parameters(), **kw)
+    assert isinstance(ours, torch.optim.Optimizer)
+    _train(a, ref)
+    _train(b, ours)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(ours.state[pb]["momentum_buffer"],
+                                   ref.state[pa]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_lr_scheduler_hooks_and_set_to_none_without_recompiling():
+    model = _model()
+    opt = stepjit.torch.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    _train(model, opt, steps=1, lr_schedule=False)
+    compiles = stepjit.cache_info().compiles
+    for _ in range(6):
+        _train(model, opt, steps=1, lr_schedule=False)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())
+    assert stepjit.cache_info().compiles == compiles
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert len(calls) == 7
+
+
+def test_checkpoints_move_between_torch_and_stepjit_both_ways():
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    base = _model()
+    _train(base, torch.optim.SGD(base.parameters(), **kw), steps=2)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ref = torch.optim.SGD(a.parameters(), **kw)
+    _train(a, ref, steps=2)
+    # torch -> stepjit
+    ours = stepjit.torch.SGD(b.parameters(), **kw)
+    b.load_state_dict(a.state_dict())
+    saved = io.BytesIO()
+    torch.save(ref.state_dict(), saved)
+    saved.seek(0)
+    ours.load_state_dict(torch.load(saved))
+    _train(a, ref, steps=3)
+    _train(b, ours, steps=3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    # stepjit -> torch
+    c = copy.deepcopy(b)
+    back = torch.optim.SGD(c.parameters(), **kw)
+    saved = io.BytesIO()  # through a file, as a checkpoint goes (a live state_dict shares buffers)
+    torch.save(ours.state_dict(), saved)
+    saved.seek(0)
+    back.load_state_dict(torch.load(saved))
+    assert set(ours.state_dict()["state"][0]) == {"momentum_buffer"}
+    _train(b, ours, steps=2)
+    _train(c, back, steps=2)
+    for pb, pc in zip(b.parameters(), c.parameters()):
+        torch.testing.assert_close(pc, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_the_example_matches_torch_step_for_step():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import example_torch
+    finally:
+        sys.path.pop(0)
+    history = example_torch.train(steps=30)
+    for loss_torch, loss_ours, diff in history:
+        assert loss_ours == pytest.approx(loss_torch, rel=1e-5)
+        assert diff < 1e-5
+    assert history[-1][0] < history[0][0] / 2  # it trained
+
+
+DDP_WORKER = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    import stepjit.torch
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = stepjit.torch.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3,
+                            process_group=dist.group.WORLD if world > 1 else None,
+                            bucket_cap_mb=0.0001)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        part = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        opt.step()
+    print(json.dumps([p.detach().flatten().tolist() for p in model.parameters()]))
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_gloo_matches_one_process_on_the_whole_batch():
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    single = subprocess.run([sys.executable, "-c", DDP_WORKER], capture_output=True, text=True,
+                            env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"}, check=True)
+    whole = json.loads(single.stdout.strip().splitlines()[-1])
+    for r0, r1, w in zip(outs[0], outs[1], whole):
+        assert r0 == r1  # both ranks end identical
+        np.testing.assert_allclose(r0, w, rtol=1e-5, atol=1e-6)
+
+
+def test_bucketing_splits_by_size_and_dtype():
+    grads = [torch.zeros(10), torch.zeros(10), torch.zeros(10, dtype=torch.float64),
+             torch.zeros(100)]
+    buckets = stepjit.torch._buckets(grads, cap=100)
+    assert [len(b) for b in buckets] == [2, 1, 1]
