@@ -51,6 +51,7 @@ class _Batch:
     params: list[Parameter]
     launch: Launch
     first_column: int | None  # index of the per-tensor `first` flag, when the rule has one
+    steps: np.ndarray | None = None  # per-tensor step counts (optimizers with counts_steps)
 
 
 @dataclass
@@ -113,6 +114,14 @@ class Optimizer:
             self._state_gen += 1
 
     # -- the subclass interface ------------------------------------------------------------------
+    counts_steps: bool = False
+    """Keep a per-parameter step count in `state[param]["step"]` (Adam's bias corrections)."""
+
+    def tensor_values(self, group: dict, step: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-tensor values for this step, computed on the host in float64 and vectorized over
+        the tensors of one launch; `step` holds each tensor's step count, this step included."""
+        return {}
+
     def check_group(self, group: dict) -> None:
         """Raise ValueError when a hyperparameter of `group` is invalid."""
 
@@ -174,7 +183,7 @@ class Optimizer:
         pending = self._pending
         plans = self._plans_for("step", pending)
         for group, plan in zip(self.param_groups, plans):
-            self._run(plan, self.scalars(group))
+            self._run(plan, self.scalars(group), group)
         if pending:
             self._pending = frozenset()
             for plan in self._plans.values():  # the next accumulation copies instead of adding
@@ -246,6 +255,9 @@ class Optimizer:
             new_state[p] = {}
             data = _array(p)
             for name, buf in buffers.items():
+                if name == "step":
+                    new_state[p][name] = np.array(float(buf))
+                    continue
                 buf = np.asarray(buf) if not arrays.is_array(buf) else buf
                 if tuple(buf.shape) != tuple(data.shape):
                     raise ValueError(
@@ -324,7 +336,10 @@ class Optimizer:
                 if col is not None:
                     pt[:, col] = first
                 launch = self._backend.bind(kernel, tensors, pt)
-                plan.batches.append(_Batch(rule, params, launch, col))
+                batch = _Batch(rule, params, launch, col)
+                if kind == "step" and self.counts_steps:
+                    batch.steps = self._step_counts(params)
+                plan.batches.append(batch)
             plan.params = frozenset(p for b in plan.batches for p in b.params)
             self._plans[(kind, index)] = ready[index] = plan
         return ready
@@ -393,8 +408,22 @@ class Optimizer:
                 tensors.append(tuple(by_slot[s.name] for s in rule.slots))
             yield rule, params, tensors, first
 
-    def _run(self, plan: _Plan, scalars: dict[str, float]) -> None:
+    def _step_counts(self, params: list) -> np.ndarray:
+        """One array of step counts for a batch; each state["step"] becomes a 0-d view into it,
+        so counting a step is one vectorized `+= 1` whatever the number of tensors."""
+        steps = np.array([float(self.state.get(p, {}).get("step", 0)) for p in params])
+        for j, p in enumerate(params):
+            self.state.setdefault(p, {})["step"] = steps[j : j + 1].reshape(())
+        return steps
+
+    def _run(self, plan: _Plan, scalars: dict[str, float], group: dict | None = None) -> None:
         for b in plan.batches:
+            if b.steps is not None:
+                b.steps += 1
+                pt, names = b.launch.per_tensor, b.rule.per_tensor_names
+                for name, values in self.tensor_values(group, b.steps).items():
+                    if name in names:
+                        pt[:, names.index(name)] = values
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
