@@ -1,6 +1,6 @@
-"""Run stepjit's generated CUDA kernels on the host: compile with g++ and cuda_host.h, call by ctypes.
+"""Run generated CUDA kernels on the host: compiled by g++ with cuda_host.h, called by ctypes.
 
-    lib = HostLibrary.build([rule, ...], workdir)      # one shared library for many rules
+    lib = HostLibrary.start([rule, ...], workdir, name).finish()  # one library, many rules
     out = lib.run(rule, tensors, per_tensor, scalars)   # the same launches as the CUDA backend
 
 The tables are built by `stepjit.runtime.gpu.build_tables`, the same function the CUDA backend

@@ -63,14 +63,15 @@ TEMPLATE_NAMES = ("prelude.cuh", "partial_sums.cu", "update.cu")
 Emitter = Callable[[Expr, Sequence[str]], str]
 
 
-# -- literals and casts -----------------------------------------------------------------------------
+# -- literals and casts ----------------------------------------------------------------------------
 def round_to(value: float, dtype: DType) -> float:
     """`value` rounded to `dtype` as the reference interpreter rounds it (exact as a double)."""
     if dtype is DType.F64:
         return float(value)
-    if dtype is DType.F16:
-        return float(np.float16(value))
-    f32 = np.float32(value)
+    with np.errstate(over="ignore"):  # out of range: infinity, as numpy gives
+        if dtype is DType.F16:
+            return float(np.float16(value))
+        f32 = np.float32(value)
     if dtype is DType.F32 or np.isnan(f32):
         return float(f32)
     # bfloat16 (ml_dtypes rounds through float32): round-to-nearest-even on the bit pattern
@@ -135,7 +136,7 @@ def cast(x: str, src: DType, dst: DType) -> str:
     return _from_float(x if src is DType.F32 else f"(float){x}", DType.BF16)
 
 
-# -- the op table -----------------------------------------------------------------------------------
+# -- the op table ----------------------------------------------------------------------------------
 def _compute(node: Expr) -> DType:
     """The dtype arithmetic on `node`'s operands runs in: half types compute in float32."""
     return node.src[0].dtype.compute
@@ -187,7 +188,7 @@ CUDA_OPS: dict[Op, Emitter] = {
 """How each op is written in CUDA C: `emitter(node, operand_expressions) -> expression`."""
 
 
-# -- names ------------------------------------------------------------------------------------------
+# -- names -----------------------------------------------------------------------------------------
 _RESERVED = frozenset(
     """alignas alignof and asm auto bool break case catch char class const constexpr continue
     decltype default delete do double else enum explicit export extern false float for friend goto
@@ -208,7 +209,7 @@ def c_name(name: str) -> str:
     return name
 
 
-# -- kernel description -----------------------------------------------------------------------------
+# -- kernel description ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelInfo:
     """What a launcher needs to know about the kernels `render(rule)` produces."""
@@ -256,7 +257,7 @@ def describe(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> Ker
     )
 
 
-# -- templates --------------------------------------------------------------------------------------
+# -- templates -------------------------------------------------------------------------------------
 def template_dir() -> Path:
     """Where the kernel skeletons are: inside the installed package (wheels ship them as
     `stepjit/codegen_templates`), else at the root of a source checkout."""
@@ -280,7 +281,7 @@ def _template(name: str) -> string.Template:
     return _templates[name]
 
 
-# -- lowering ---------------------------------------------------------------------------------------
+# -- lowering --------------------------------------------------------------------------------------
 def _reachable(roots: Sequence[Expr], *, through_sums: bool) -> set[Expr]:
     """Nodes needed to compute `roots`; a SUM is a leaf unless `through_sums`."""
     seen: set[Expr] = set()
@@ -420,7 +421,7 @@ def _render_update(rule: UpdateRule, info: KernelInfo) -> str:
         for k, total in enumerate(rule.reductions):
             sums += [
                 f"double sum_{k} = 0.0;  // %{low.index[total]} = sum, over the whole tensor",
-                f"for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {{",
+                "for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {",
                 f"    sum_{k} += chunk_partials[(long long)(first_chunk + c) * "
                 f"{info.n_reductions} + {k}];",
                 "}",

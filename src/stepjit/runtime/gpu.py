@@ -53,7 +53,7 @@ class CUDACompileError(RuntimeError):
     """NVRTC rejected a generated source; the message carries the compiler log."""
 
 
-# -- compiling without a device ---------------------------------------------------------------------
+# -- compiling without a device --------------------------------------------------------------------
 @functools.cache
 def include_dirs() -> tuple[str, ...]:
     """Directories holding `cuda_fp16.h` / `cuda_bf16.h` (NVRTC 13 does not build them in).
@@ -163,7 +163,7 @@ def cubin(source: str, arch: str | int = "sm_90") -> bytes:
     return image
 
 
-# -- the disk cache ---------------------------------------------------------------------------------
+# -- the disk cache --------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """Where compiled kernels are kept across processes: $STEPJIT_CACHE_DIR/cuda, by default
     ~/.cache/stepjit/cuda."""
@@ -213,7 +213,7 @@ def load_or_compile(source: str, arch: str) -> tuple[bytes, bool]:
     return image, False
 
 
-# -- launch tables ----------------------------------------------------------------------------------
+# -- launch tables ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tables:
     """The host copy of one launch's tables (layout in `stepjit.codegen.cuda`)."""
@@ -271,7 +271,7 @@ def _bf16_bits(value: float) -> np.uint16:
     return np.uint16(int(np.array(rounded).view(np.uint32)) >> 16)
 
 
-# -- the backend ------------------------------------------------------------------------------------
+# -- the backend -----------------------------------------------------------------------------------
 def _cupy():
     try:
         import cupy
@@ -387,7 +387,7 @@ def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
         if len(t) != len(slots):
             raise ValueError(f"tensor {i}: {len(t)} arrays given, the rule has {len(slots)} slots")
         size = None
-        for slot, a in zip(slots, t):
+        for slot, a in zip(slots, t, strict=True):
             where = f"tensor {i}, slot {slot.name}"
             if not isinstance(a, cp.ndarray):
                 raise ValueError(f"{where}: the CUDA backend needs a CuPy array, got "
@@ -455,7 +455,7 @@ class CUDALaunch(Launch):
                              f"{len(self._pack)} ({', '.join(self.rule.scalar_names)})")
         if self.n_chunks == 0:
             return
-        args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars))
+        args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
         cp = _cupy()
         if cp.cuda.runtime.getDevice() != self.kernel.device:
             with cp.cuda.Device(self.kernel.device):
