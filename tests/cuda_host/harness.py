@@ -109,8 +109,12 @@ class HostLibrary:
         per_tensor: np.ndarray,
         scalars: Mapping[str, float],
         partials: np.ndarray | None = None,
+        update_only: bool = False,
     ) -> Result:
-        """Launch the rule's kernels over `tensors` (slot name -> 1-D array, updated in place)."""
+        """Launch the rule's kernels over `tensors` (slot name -> 1-D array, updated in place).
+
+        `update_only` skips the partial-sum launch: the update then reads `partials` as given.
+        """
         info = self.infos[rule.key]
         slots = [s.name for s in rule.slots]
         tables = build_tables(
@@ -139,7 +143,7 @@ class HostLibrary:
                 args.append(_CTYPES[dtype](value))
         if tables.n_chunks:
             grid = ctypes.c_uint(tables.n_chunks)
-            if info.partial_sums:
+            if info.partial_sums and not update_only:
                 getattr(self.lib, f"run_{info.partial_sums}")(grid, *args)
             getattr(self.lib, f"run_{info.update}")(grid, *args)
         return Result(partials=partials, n_chunks=tables.n_chunks)

@@ -156,6 +156,13 @@ def _arith(make: Callable[[DType, Sequence[str]], str]) -> Emitter:
     return emit
 
 
+def _extremum(kind: str, node: Expr) -> Callable[[DType, Sequence[str]], str]:
+    """numpy.maximum / numpy.minimum: NaN-propagating; on ties float16 keeps the first operand,
+    the other dtypes the second (visible only as the sign of a zero)."""
+    helper = f"nan_{kind}_first" if node.src[0].dtype is DType.F16 else f"nan_{kind}"
+    return lambda d, a: f"{helper}({a[0]}, {a[1]})"
+
+
 def _leaf_name(node: Expr, args: Sequence[str]) -> str:
     return c_name(str(node.arg))
 
@@ -178,8 +185,8 @@ CUDA_OPS: dict[Op, Emitter] = {
     Op.SUB: _arith(lambda d, a: f"{a[0]} - {a[1]}"),
     Op.MUL: _arith(lambda d, a: f"{a[0]} * {a[1]}"),
     Op.DIV: _arith(lambda d, a: f"{a[0]} / {a[1]}"),
-    Op.MAX: _arith(lambda d, a: f"nan_max({a[0]}, {a[1]})"),
-    Op.MIN: _arith(lambda d, a: f"nan_min({a[0]}, {a[1]})"),
+    Op.MAX: lambda n, a: _arith(_extremum("max", n))(n, a),
+    Op.MIN: lambda n, a: _arith(_extremum("min", n))(n, a),
     Op.CMPLT: _arith(lambda d, a: f"{a[0]} < {a[1]}"),  # ordered: false when either is NaN
     Op.WHERE: lambda n, a: f"{a[0]} ? {a[1]} : {a[2]}",
     # the tensor's total: reduced before the element loop; its operand is the total's name
