@@ -107,7 +107,7 @@ def libs(tmp_path_factory):
     return {"production": production, "small": small}
 
 
-# -- data -----------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------------
 SCALARS = {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.01, "scale": 0.5,
            "clip_norm": 20.0, "a": 0.75, "s": -1.5}
 
@@ -207,7 +207,7 @@ def run_and_check(lib, rule, sizes, rng, *, exact, misaligned=(), specials=()):
 SIZES = [1000, 3, CHUNK + 5, 0, 2 * CHUNK + 17, 1]
 
 
-# -- tests ----------------------------------------------------------------------------------------
+# -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rule", PLAIN, ids=[r.name for r in PLAIN])
 def test_elementwise_rules_are_bit_exact(libs, rule):
     """Without reductions the kernel rounds exactly as the interpreter: identical bits."""
