@@ -359,10 +359,15 @@ class CUDABackend(Backend):
 
 
 class _Uploads:
-    """Host-to-device copies from pinned memory, kept alive until the device has read them."""
+    """Host-to-device copies from pinned memory, kept alive until the device has read them.
+
+    A copy is ordered on the stream that was current when it was made; `order(stream)` makes a
+    launch on another stream wait for the latest copy (on the device, not the host).
+    """
 
     def __init__(self) -> None:
         self._in_flight: list[tuple[object, object]] = []
+        self._last: tuple[int, object] | None = None  # (stream pointer, event) of the last copy
 
     def __call__(self, dst, src: np.ndarray) -> None:
         cp = _cupy()
@@ -378,6 +383,16 @@ class _Uploads:
         event.record(stream)
         self._in_flight = [(e, m) for e, m in self._in_flight if not e.done]
         self._in_flight.append((event, memory))
+        self._last = (stream.ptr, event)
+
+    def order(self) -> None:
+        """Make the current stream wait for the last copy if that ran on another stream."""
+        if self._last is None:
+            return
+        stream = _cupy().cuda.get_current_stream()
+        if stream.ptr != self._last[0]:
+            stream.wait_event(self._last[1])
+        self._last = None
 
 
 def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
@@ -465,6 +480,7 @@ class CUDALaunch(Launch):
 
     def _launch(self, args: tuple) -> None:
         self._sync_per_tensor()
+        self._upload.order()
         if self.kernel.partial_sums is not None:
             self.kernel.partial_sums(self._grid, self._block, args)
         self.kernel.update(self._grid, self._block, args)
