@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 from .backend import Backend
@@ -53,7 +54,12 @@ def select_backend(explicit: str | None, devices: set[str]) -> Backend:
                       "falling back to the (slow) reference interpreter")
             requested = "reference"
     if requested == "cuda" and not on_gpu:
-        raise ValueError("backend 'cuda' needs CuPy arrays; these parameters are numpy arrays")
+        hint = ""
+        if importlib.util.find_spec("cupy") is None:
+            hint = " (and CuPy is not installed: pip install 'stepjit[cuda]')"
+        raise ValueError(
+            f"backend 'cuda' needs CuPy arrays; these parameters are numpy arrays{hint}"
+        )
     if requested in ("llvm", "reference") and on_gpu:
         raise ValueError(f"backend {requested!r} runs on host arrays; these live on {device}")
     return _instance(requested, device)

@@ -1,0 +1,486 @@
+"""The CUDA backend: rules lowered to CUDA C, compiled with NVRTC, launched through CuPy.
+
+    backend = CUDABackend(0)                           # device 0
+    kernel = backend.compile(rule)                     # memory cache, then disk cache, then NVRTC
+    launch = backend.bind(kernel, tensors, per_tensor) # tables uploaded to the device once
+    launch(scalars)                                    # one or two kernel launches, no host sync
+
+Compilation does not go through `cupy.RawModule`: CuPy appends `-ftz=true` (flush denormals to
+zero) to every program it compiles, and this backend keeps IEEE denormals like the CPU backend.
+It calls NVRTC itself (`cupy.cuda.nvrtc`) with `NVRTC_OPTIONS`, keeps the cubin in its own disk
+cache and loads it with `cupy.cuda.function.Module`. `ptx()` and `cubin()` need no GPU.
+
+Launches use CuPy's current stream and never wait for the device: the only host-to-device copies
+are the tables (when a launch is bound) and the per-tensor values (only when the optimizer has
+edited them, e.g. the `first` flag after a tensor's first step), both from pinned memory. Steady
+state steps are plain kernel launches, so they can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..codegen import cuda as codegen
+from ..ir import DType, UpdateRule
+from . import arrays, cache
+from .backend import Backend, Launch
+
+NVRTC_OPTIONS: tuple[str, ...] = (
+    "-std=c++17",
+    "-ftz=false",  # keep denormals, as the CPU backend does
+    "-prec-div=true",
+    "-prec-sqrt=true",
+    "-fmad=false",  # round every multiply and add, like the reference interpreter
+)
+"""Options of every NVRTC compilation (plus `-arch` and the include directories)."""
+
+
+class CUDACompileError(RuntimeError):
+    """NVRTC rejected a generated source; the message carries the compiler log."""
+
+
+# -- compiling without a device --------------------------------------------------------------------
+@functools.cache
+def include_dirs() -> tuple[str, ...]:
+    """Directories holding `cuda_fp16.h` / `cuda_bf16.h` (NVRTC 13 does not build them in).
+
+    Looked up in the `nvidia-cuda-runtime` wheel first, then in a CUDA toolkit ($CUDA_PATH,
+    $CUDA_HOME, or the one around `nvcc`).
+    """
+    found: list[str] = []
+
+    def consider(path: Path) -> None:
+        if (path / "cuda_fp16.h").is_file() and str(path) not in found:
+            found.append(str(path))
+
+    for module in ("nvidia.cu13", "nvidia.cuda_runtime", "nvidia.cu12"):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            consider(Path(location) / "include")
+    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    for root in filter(None, roots):
+        consider(Path(root) / "include")
+        consider(Path(root) / "targets" / "x86_64-linux" / "include")
+        consider(Path(root) / "targets" / "sbsa-linux" / "include")
+    return tuple(found)
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+    except ImportError as exc:
+        raise ImportError(
+            "compiling CUDA kernels needs CuPy and NVRTC: pip install 'stepjit[cuda]' "
+            "nvidia-cuda-nvrtc nvidia-cuda-runtime"
+        ) from exc
+    return nvrtc
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    """The (major, minor) version of the NVRTC library in use."""
+    return tuple(_nvrtc().getVersion())
+
+
+@functools.cache
+def supported_archs() -> tuple[int, ...]:
+    """The real architectures (75 for sm_75, ...) this NVRTC can emit cubins for."""
+    return tuple(_nvrtc().getSupportedArchs())
+
+
+def _arch(arch: str | int) -> str:
+    """'sm_90' from 'sm_90', 'compute_90', '90' or 90."""
+    text = str(arch)
+    digits = text.rpartition("_")[2]
+    if not digits.isdigit():
+        raise ValueError(f"unknown CUDA architecture {arch!r} (use e.g. 'sm_90')")
+    return f"{'compute' if text.startswith('compute') else 'sm'}_{digits}"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The output of one NVRTC compilation."""
+
+    ptx: str
+    cubin: bytes | None  # None when compiled for a virtual architecture (compute_XX)
+    log: str
+
+
+def nvrtc_compile(source: str, arch: str | int, name: str = "stepjit.cu") -> Compiled:
+    """Compile `source` for `arch` ('sm_90', or 'compute_90' for PTX only) with NVRTC.
+
+    Needs the NVRTC library, not a GPU. Raises CUDACompileError with the log on failure.
+    """
+    nvrtc = _nvrtc()
+    arch = _arch(arch)
+    options = [f"-arch={arch}", *NVRTC_OPTIONS, *(f"-I{d}" for d in include_dirs())]
+    prog = nvrtc.createProgram(source, name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise CUDACompileError(f"NVRTC failed to compile {name} for {arch}:\n{log}") from exc
+        log = nvrtc.getProgramLog(prog)
+        ptx_text = nvrtc.getPTX(prog)
+        image = nvrtc.getCUBIN(prog) if arch.startswith("sm_") else None
+    finally:
+        nvrtc.destroyProgram(prog)
+    if isinstance(ptx_text, bytes):
+        ptx_text = ptx_text.decode()
+    return Compiled(ptx=ptx_text.rstrip("\0"), cubin=image, log=log)
+
+
+def ptx(source: str, arch: str | int = "sm_90") -> str:
+    """The PTX of `source` for `arch` (no GPU needed)."""
+    return nvrtc_compile(source, arch).ptx
+
+
+def cubin(source: str, arch: str | int = "sm_90") -> bytes:
+    """The cubin (machine code) of `source` for the real architecture `arch` (no GPU needed)."""
+    image = nvrtc_compile(source, _arch(arch).replace("compute_", "sm_")).cubin
+    assert image is not None
+    return image
+
+
+# -- the disk cache --------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where compiled kernels are kept across processes: $STEPJIT_CACHE_DIR/cuda, by default
+    ~/.cache/stepjit/cuda."""
+    root = os.environ.get("STEPJIT_CACHE_DIR") or Path.home() / ".cache" / "stepjit"
+    return Path(root) / "cuda"
+
+
+def cache_key(source: str, arch: str) -> str:
+    """A hash of everything the compiled image depends on."""
+    parts = (__version__, ".".join(map(str, nvrtc_version())), arch, " ".join(NVRTC_OPTIONS),
+             source)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _read_cached(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _write_cached(path: Path, data: bytes) -> None:
+    """Write atomically (a reader never sees a partial file); a cache that cannot be written
+    only costs a recompilation later."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def load_or_compile(source: str, arch: str) -> tuple[bytes, bool]:
+    """The loadable image of `source` for `arch`: a cubin for 'sm_XX', NUL-terminated PTX for
+    'compute_XX'; and whether it came from the disk cache."""
+    arch = _arch(arch)
+    suffix = ".cubin" if arch.startswith("sm_") else ".ptx"
+    path = cache_dir() / f"{cache_key(source, arch)}{suffix}"
+    image = _read_cached(path)
+    if image:
+        return image, True
+    out = nvrtc_compile(source, arch)
+    image = out.cubin if out.cubin is not None else out.ptx.encode() + b"\0"
+    _write_cached(path, image)
+    return image, False
+
+
+# -- launch tables ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tables:
+    """The host copy of one launch's tables (layout in `stepjit.codegen.cuda`)."""
+
+    ptrs: np.ndarray  # uint64 [tensors, slots]
+    numel: np.ndarray  # int64 [tensors]
+    chunks: np.ndarray  # int32 [chunks, 2]: (tensor, chunk index within the tensor)
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.chunks.shape[0])
+
+
+def build_tables(pointers: Sequence[Sequence[int]], numels: Sequence[int], chunk: int) -> Tables:
+    """Tables for tensors with these slot addresses and sizes, `chunk` elements per block.
+
+    A tensor's chunks are consecutive (the update kernel finds its tensor's partial sums from
+    that); empty tensors get no chunk.
+    """
+    n = len(numels)
+    ptrs = np.array(pointers, dtype=np.uint64).reshape(n, -1) if n else np.zeros((0, 1), np.uint64)
+    numel = np.asarray(numels, dtype=np.int64).reshape(n)
+    counts = (numel + chunk - 1) // chunk
+    if counts.size and int(counts.max()) >= 2**31:
+        raise ValueError(f"a tensor of {int(numel.max())} elements is too large for one launch")
+    tensor = np.repeat(np.arange(n, dtype=np.int32), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    within = (np.arange(int(counts.sum()), dtype=np.int64) - starts).astype(np.int32)
+    if tensor.size >= 2**31:
+        raise ValueError("too many chunks for one launch")
+    chunks = np.ascontiguousarray(np.stack([tensor, within], axis=1), dtype=np.int32)
+    return Tables(ptrs=ptrs, numel=numel, chunks=chunks)
+
+
+def scalar_types(scalars: Sequence[tuple[str, DType]]) -> tuple:
+    """How each scalar argument is passed to CuPy: a numpy scalar of the parameter's C type
+    (a Python float would be passed as a C double)."""
+
+    def pack(dtype: DType):
+        if dtype is DType.F32:
+            return np.float32
+        if dtype is DType.F64:
+            return np.float64
+        if dtype is DType.F16:
+            return np.float16
+        if dtype is DType.BOOL:
+            return np.bool_
+        return _bf16_bits
+
+    return tuple(pack(d) for _, d in scalars)
+
+
+def _bf16_bits(value: float) -> np.uint16:
+    rounded = np.float32(codegen.round_to(float(value), DType.BF16))
+    return np.uint16(int(np.array(rounded).view(np.uint32)) >> 16)
+
+
+# -- the backend -----------------------------------------------------------------------------------
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError(
+            "the CUDA backend needs CuPy: pip install 'stepjit[cuda]'"
+        ) from exc
+    return cupy
+
+
+def pick_arch(compute_capability: str, available: Sequence[int]) -> str:
+    """The target for a device: its own 'sm_XY' when NVRTC can emit it, else PTX for the
+    newest virtual architecture not above the device's (the driver compiles that)."""
+    cc = int(compute_capability)
+    if cc in available:
+        return f"sm_{cc}"
+    older = [a for a in available if a <= cc]
+    if not older:
+        raise RuntimeError(f"this NVRTC cannot target compute capability {cc}")
+    return f"compute_{max(older)}"
+
+
+@dataclass
+class CUDAKernel:
+    """A compiled rule, loaded on one device."""
+
+    rule: UpdateRule
+    info: codegen.KernelInfo
+    source: str
+    arch: str
+    device: int
+    module: object
+    update: object
+    partial_sums: object | None
+
+
+class CUDABackend(Backend):
+    """Compiles rules for one CUDA device and launches them over CuPy arrays on it."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0) -> None:
+        cp = _cupy()
+        try:
+            count = cp.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDARuntimeError: no driver, no device
+            raise RuntimeError(f"the CUDA backend found no usable CUDA device ({exc})") from exc
+        if not 0 <= device < count:
+            raise ValueError(f"CUDA device {device} does not exist ({count} present)")
+        self.device = device
+        self.arch = pick_arch(cp.cuda.Device(device).compute_capability, supported_archs())
+        self._kernels: dict[str, CUDAKernel] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, rule: UpdateRule) -> CUDAKernel:
+        with self._lock:
+            kernel = self._kernels.get(rule.key)
+            if kernel is not None:
+                cache.record(memory_hits=1)
+                return kernel
+            t0 = time.perf_counter()
+            source = codegen.render(rule)
+            image, from_disk = load_or_compile(source, self.arch)
+            cp = _cupy()
+            with cp.cuda.Device(self.device):
+                module = cp.cuda.function.Module()
+                module.load(image)
+                info = codegen.describe(rule)
+                kernel = CUDAKernel(
+                    rule=rule, info=info, source=source, arch=self.arch, device=self.device,
+                    module=module, update=module.get_function(info.update),
+                    partial_sums=(module.get_function(info.partial_sums)
+                                  if info.partial_sums else None),
+                )
+            self._kernels[rule.key] = kernel
+            seconds = time.perf_counter() - t0
+            if from_disk:
+                cache.record(disk_hits=1, seconds=seconds)
+            else:
+                cache.record(compiles=1, seconds=seconds)
+            return kernel
+
+    def bind(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
+        return CUDALaunch(kernel, tensors, per_tensor)
+
+
+class _Uploads:
+    """Host-to-device copies from pinned memory, kept alive until the device has read them.
+
+    A copy is ordered on the stream that was current when it was made; `order(stream)` makes a
+    launch on another stream wait for the latest copy (on the device, not the host).
+    """
+
+    def __init__(self) -> None:
+        self._in_flight: list[tuple[object, object]] = []
+        self._last: tuple[int, object] | None = None  # (stream pointer, event) of the last copy
+
+    def __call__(self, dst, src: np.ndarray) -> None:
+        cp = _cupy()
+        src = np.ascontiguousarray(src, dtype=dst.dtype)
+        if src.nbytes == 0:
+            return
+        memory = cp.cuda.alloc_pinned_memory(src.nbytes)
+        staging = np.frombuffer(memory, src.dtype, src.size).reshape(src.shape)
+        staging[...] = src
+        stream = cp.cuda.get_current_stream()
+        dst.data.copy_from_host_async(ctypes.c_void_p(staging.ctypes.data), src.nbytes, stream)
+        event = cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        self._in_flight = [(e, m) for e, m in self._in_flight if not e.done]
+        self._in_flight.append((event, memory))
+        self._last = (stream.ptr, event)
+
+    def order(self) -> None:
+        """Make the current stream wait for the last copy if that ran on another stream."""
+        if self._last is None:
+            return
+        stream = _cupy().cuda.get_current_stream()
+        if stream.ptr != self._last[0]:
+            stream.wait_event(self._last[1])
+        self._last = None
+
+
+def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
+    cp = _cupy()
+    slots = kernel.rule.slots
+    for i, t in enumerate(tensors):
+        if len(t) != len(slots):
+            raise ValueError(f"tensor {i}: {len(t)} arrays given, the rule has {len(slots)} slots")
+        size = None
+        for slot, a in zip(slots, t, strict=True):
+            where = f"tensor {i}, slot {slot.name}"
+            if not isinstance(a, cp.ndarray):
+                raise ValueError(f"{where}: the CUDA backend needs a CuPy array, got "
+                                 f"{arrays.type_name(a)}")
+            if a.device.id != kernel.device:
+                raise ValueError(f"{where}: array is on cuda:{a.device.id}, the kernel on "
+                                 f"cuda:{kernel.device}")
+            if arrays.dtype(a) is not slot.dtype:
+                raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
+            if not (arrays.is_contiguous(a) and arrays.is_aligned(a)):
+                raise ValueError(f"{where}: array must be contiguous and aligned")
+            if size is not None and a.size != size:
+                raise ValueError(f"{where}: {a.size} elements, slot {slots[0].name} has {size}")
+            size = a.size
+
+
+class CUDALaunch(Launch):
+    """A compiled rule bound to a fixed list of tensors (tables in device memory)."""
+
+    def __init__(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> None:
+        cp = _cupy()
+        _check_tensors(kernel, tensors)
+        info = kernel.info
+        self.rule = kernel.rule
+        self.kernel = kernel
+        self.per_tensor = per_tensor
+        self._tensors = tensors  # the tables hold raw addresses: keep the arrays alive
+        self._upload = _Uploads()
+        tables = build_tables(
+            [[a.data.ptr for a in t] for t in tensors], [t[0].size if t else 0 for t in tensors],
+            info.chunk,
+        )
+        self.n_chunks = tables.n_chunks
+        n = len(tensors)
+        with cp.cuda.Device(kernel.device):
+            ptrs = cp.empty(tables.ptrs.shape, np.uint64)
+            numel = cp.empty(tables.numel.shape, np.int64)
+            chunks = cp.empty((max(1, self.n_chunks), 2), np.int32)
+            self._per_tensor_dev = cp.zeros((max(1, n), info.n_per_tensor), np.float64)
+            partials = cp.empty((max(1, self.n_chunks), info.n_reductions), np.float64)
+            self._upload(ptrs, tables.ptrs)
+            self._upload(numel, tables.numel)
+            self._upload(chunks[: self.n_chunks], tables.chunks)
+        self._tables = (ptrs, numel, chunks, self._per_tensor_dev, partials)
+        self._uploaded: bytes | None = None
+        self._pack = scalar_types(self.rule.scalars)
+        self._grid = (self.n_chunks,)
+        self._block = (info.block,)
+
+    def _sync_per_tensor(self) -> None:
+        values = self.per_tensor
+        if values.size == 0:
+            return
+        current = values.tobytes()
+        if current != self._uploaded:
+            if values.shape != self._per_tensor_dev.shape:
+                raise ValueError(f"{self.rule.name}: per_tensor has shape {values.shape}, "
+                                 f"expected {self._per_tensor_dev.shape}")
+            self._upload(self._per_tensor_dev, values)
+            self._uploaded = current
+
+    def __call__(self, scalars: Sequence[float]) -> None:
+        if len(scalars) != len(self._pack):
+            raise ValueError(f"{self.rule.name}: {len(scalars)} scalars given, expected "
+                             f"{len(self._pack)} ({', '.join(self.rule.scalar_names)})")
+        if self.n_chunks == 0:
+            return
+        args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
+        cp = _cupy()
+        if cp.cuda.runtime.getDevice() != self.kernel.device:
+            with cp.cuda.Device(self.kernel.device):
+                self._launch(args)
+        else:
+            self._launch(args)
+
+    def _launch(self, args: tuple) -> None:
+        self._sync_per_tensor()
+        self._upload.order()
+        if self.kernel.partial_sums is not None:
+            self.kernel.partial_sums(self._grid, self._block, args)
+        self.kernel.update(self._grid, self._block, args)

@@ -1,0 +1,40 @@
+"""Every rule the library can generate, for the CUDA codegen, compile and harness tests."""
+
+from __future__ import annotations
+
+import itertools
+
+from stepjit.ir import DType, UpdateRule
+from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
+from stepjit.optim.sgd import sgd_rule
+
+FLOATS = (DType.F16, DType.BF16, DType.F32, DType.F64)
+
+# (momentum, nesterov): nesterov needs momentum
+MOMENTUM_MODES = ((False, False), (True, False), (True, True))
+
+
+def sgd_rules() -> list[UpdateRule]:
+    """All valid SGD configurations x parameter dtypes x gradient dtypes."""
+    return [
+        sgd_rule(momentum, nesterov, decay, clip, pd, gd)
+        for (momentum, nesterov), decay, clip, pd, gd in itertools.product(
+            MOMENTUM_MODES, (False, True), (False, True), FLOATS, FLOATS
+        )
+    ]
+
+
+def accumulate_rules() -> list[UpdateRule]:
+    """accumulate_grad(): every compute dtype (of every param dtype) x gradient dtype."""
+    computes = sorted({d.compute for d in FLOATS}, key=lambda d: d.value)
+    return [_accumulate_rule(c, g) for c in computes for g in FLOATS]
+
+
+def zero_rules() -> list[UpdateRule]:
+    """zero_grad(): every gradient dtype."""
+    return [_zero_rule(g) for g in FLOATS]
+
+
+def all_rules() -> list[UpdateRule]:
+    """Every kernel the library can generate today."""
+    return sgd_rules() + accumulate_rules() + zero_rules()
