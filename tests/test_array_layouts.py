@@ -103,3 +103,16 @@ def test_a_new_gradient_array_is_picked_up(backend):
         p.grad = np.full(3, float(k), np.float32)
         opt.step()
     np.testing.assert_array_equal(p.data, -6.0)
+
+
+def test_data_moved_to_another_device_is_named(backend):
+    """A parameter whose data leaves the optimizer's device: a clear error before any write."""
+
+    a, b = stepjit.Parameter(np.ones(3, np.float32)), stepjit.Parameter(np.ones(3, np.float32))
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt = stepjit.optim.SGD([a, b], lr=0.1, momentum=0.9, backend=backend)
+    opt._device = "cuda:0"  # as if b had been created on a GPU and a moved to the host
+    with pytest.raises(ValueError, match="parameter 0: parameter is on cpu, but the optimizer "
+                                         "runs on cuda:0"):
+        opt.step()
+    assert opt.state == {}

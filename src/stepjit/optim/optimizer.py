@@ -291,7 +291,9 @@ class Optimizer:
         return {arrays.device(_array(p)) for g in self.param_groups for p in g["params"]}
 
     def _select_backend(self) -> Backend:
-        return select_backend(self._requested_backend, self._devices())
+        devices = self._devices()
+        self._device = next(iter(devices), "cpu")
+        return select_backend(self._requested_backend, devices)
 
     def _check_group(self, index: int, group: dict) -> None:
         try:
@@ -354,6 +356,9 @@ class Optimizer:
             if grad is None:
                 continue
             data = _array(p)
+            if arrays.device(data) != self._device:
+                raise ValueError(f"{where_}: parameter is on {arrays.device(data)}, but the "
+                                 f"optimizer runs on {self._device} (backend {self.backend!r})")
             if kind == "zero":
                 pd = gd = _check_gradient(where_, grad)
                 span = arrays.byte_span(data)

@@ -97,6 +97,11 @@ def is_contiguous(x) -> bool:
     return x.is_contiguous() if is_torch(x) else bool(x.flags.c_contiguous)
 
 
+def is_aligned(x) -> bool:
+    """Whether the data pointer is a multiple of the element size."""
+    return data_ptr(x) % itemsize(x) == 0
+
+
 def byte_span(x) -> tuple[int, int]:
     """[start, end) of the bytes a contiguous array occupies."""
     start = data_ptr(x)

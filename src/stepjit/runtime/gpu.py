@@ -18,6 +18,7 @@ state steps are plain kernel launches, so they can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -404,19 +405,21 @@ def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
         size = None
         for slot, a in zip(slots, t, strict=True):
             where = f"tensor {i}, slot {slot.name}"
-            if not isinstance(a, cp.ndarray):
-                raise ValueError(f"{where}: the CUDA backend needs a CuPy array, got "
-                                 f"{arrays.type_name(a)}")
-            if a.device.id != kernel.device:
-                raise ValueError(f"{where}: array is on cuda:{a.device.id}, the kernel on "
+            device = arrays.device(a) if arrays.is_array(a) else "?"
+            if not device.startswith("cuda"):
+                raise ValueError(f"{where}: the CUDA backend needs a CuPy array or a CUDA torch "
+                                 f"tensor, got {arrays.type_name(a)} on {device}")
+            if device != f"cuda:{kernel.device}":
+                raise ValueError(f"{where}: array is on {device}, the kernel on "
                                  f"cuda:{kernel.device}")
             if arrays.dtype(a) is not slot.dtype:
                 raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
             if not (arrays.is_contiguous(a) and arrays.is_aligned(a)):
                 raise ValueError(f"{where}: array must be contiguous and aligned")
-            if size is not None and a.size != size:
-                raise ValueError(f"{where}: {a.size} elements, slot {slots[0].name} has {size}")
-            size = a.size
+            n = arrays.numel(a)
+            if size is not None and n != size:
+                raise ValueError(f"{where}: {n} elements, slot {slots[0].name} has {size}")
+            size = n
 
 
 class CUDALaunch(Launch):
@@ -432,9 +435,13 @@ class CUDALaunch(Launch):
         self._tensors = tensors  # the tables hold raw addresses: keep the arrays alive
         self._upload = _Uploads()
         tables = build_tables(
-            [[a.data.ptr for a in t] for t in tensors], [t[0].size if t else 0 for t in tensors],
+            [[arrays.data_ptr(a) for a in t] for t in tensors],
+            [arrays.numel(t[0]) if t else 0 for t in tensors],
             info.chunk,
         )
+        # torch tensors: launch on torch's current stream, so the update orders after backward
+        self._torch_device = next(
+            (t[0].device for t in tensors if t and arrays.is_torch(t[0])), None)
         self.n_chunks = tables.n_chunks
         n = len(tensors)
         with cp.cuda.Device(kernel.device):
@@ -472,10 +479,12 @@ class CUDALaunch(Launch):
             return
         args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
         cp = _cupy()
-        if cp.cuda.runtime.getDevice() != self.kernel.device:
-            with cp.cuda.Device(self.kernel.device):
-                self._launch(args)
-        else:
+        with contextlib.ExitStack() as scope:
+            if cp.cuda.runtime.getDevice() != self.kernel.device:
+                scope.enter_context(cp.cuda.Device(self.kernel.device))
+            if self._torch_device is not None:
+                torch_stream = arrays._torch().cuda.current_stream(self._torch_device)
+                scope.enter_context(cp.cuda.ExternalStream(torch_stream.cuda_stream))
             self._launch(args)
 
     def _launch(self, args: tuple) -> None:
