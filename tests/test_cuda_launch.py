@@ -70,6 +70,7 @@ class FakeArray:
         self.data = _Memory(a, FakeArray.uploads)
         self.device = types.SimpleNamespace(id=0)
         self.dtype, self.shape, self.size, self.flags = a.dtype, a.shape, a.size, a.flags
+        self.itemsize = a.itemsize
 
     def reshape(self, *shape):
         return FakeArray(self._a.reshape(*shape))

@@ -479,7 +479,8 @@ def _check_gradient(where_: str, grad) -> DType:
 
 def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType, tuple[int, int]]:
     """Check a parameter and its gradient for a step: their dtypes and the parameter's bytes."""
-    pd, gd = arrays.dtype(data), arrays.dtype(grad)
+    da, ga = arrays.adapter(data), arrays.adapter(grad)
+    pd, gd = da.dtype(data), ga.dtype(grad)
     for what, arr, dt in (("parameter", data, pd), ("gradient", grad, gd)):
         if dt is None:
             raise TypeError(f"{where_}: {what} dtype {arr.dtype} is not a floating type "
@@ -487,21 +488,21 @@ def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType, tuple[int
     if tuple(grad.shape) != tuple(data.shape):
         raise ValueError(f"{where_}: gradient shape {tuple(grad.shape)} differs from the "
                          f"parameter's {tuple(data.shape)}")
-    if arrays.device(grad) != arrays.device(data):
-        raise ValueError(f"{where_}: gradient is on {arrays.device(grad)}, the parameter on "
-                         f"{arrays.device(data)}")
-    if not arrays.is_writeable(data):
+    if ga.device(grad) != da.device(data):
+        raise ValueError(f"{where_}: gradient is on {ga.device(grad)}, the parameter on "
+                         f"{da.device(data)}")
+    if not da.writeable(data):
         raise ValueError(f"{where_}: parameter is read-only")
     spans = []
-    for what, arr in (("parameter", data), ("gradient", grad)):
-        if not arrays.is_contiguous(arr):
+    for what, arr, a in (("parameter", data, da), ("gradient", grad, ga)):
+        if not a.contiguous(arr):
             raise ValueError(f"{where_}: {what} is not C-contiguous; pass a contiguous array "
                              "(numpy.ascontiguousarray)")
-        span = arrays.byte_span(arr)
-        if span[0] % arrays.itemsize(arr):
+        start, size = a.data_ptr(arr), a.itemsize(arr)
+        if start % size:
             raise ValueError(f"{where_}: {what} is not aligned to its element size; "
                              "copy it (numpy.require(a, requirements='A'))")
-        spans.append(span)
+        spans.append((start, start + a.numel(arr) * size))
     if arrays.overlap(*spans):
         raise ValueError(f"{where_}: parameter and gradient share memory")
     return pd, gd, spans[0]

@@ -3,6 +3,9 @@
 numpy arrays live on the host ("cpu"); CuPy arrays on a CUDA device ("cuda:N"); torch tensors on
 either. CuPy and torch are never imported here: an array is recognised as theirs only when the
 module is already loaded (the caller made the array with it), so `import stepjit` imports neither.
+
+Each library has an adapter; `adapter(x)` finds it by the array's type (memoized), so a check over
+many tensors pays one dictionary lookup per array.
 """
 
 from __future__ import annotations
@@ -22,18 +25,155 @@ def _torch():
     return sys.modules.get("torch")
 
 
-def is_torch(x: object) -> bool:
-    t = _torch()
-    return t is not None and isinstance(x, t.Tensor)
+class _Numpy:
+    name = "numpy"
+
+    def __init__(self) -> None:
+        self.dtypes: dict = {}
+
+    def device(self, x) -> str:
+        return "cpu"
+
+    def dtype(self, x) -> DType | None:
+        try:
+            return self.dtypes[x.dtype]
+        except KeyError:
+            d = DType.from_numpy(x.dtype)
+            d = self.dtypes[x.dtype] = None if d is None or d is DType.BOOL else d
+            return d
+
+    def numel(self, x) -> int:
+        return x.size
+
+    def itemsize(self, x) -> int:
+        return x.itemsize
+
+    def data_ptr(self, x) -> int:
+        return x.ctypes.data
+
+    def writeable(self, x) -> bool:
+        return x.flags.writeable
+
+    def contiguous(self, x) -> bool:
+        return x.flags.c_contiguous
+
+    def zeros(self, like, shape, dt: DType):
+        return np.zeros(shape, dt.to_numpy())
+
+    def copy(self, x):
+        return x.copy()
+
+    def host_view(self, x) -> np.ndarray:
+        return x
 
 
-def is_cupy(x: object) -> bool:
-    cp = _cupy()
-    return cp is not None and isinstance(x, cp.ndarray)
+class _Cupy(_Numpy):
+    name = "cupy"
+
+    def device(self, x) -> str:
+        return f"cuda:{x.device.id}"
+
+    def data_ptr(self, x) -> int:
+        return x.data.ptr
+
+    def writeable(self, x) -> bool:
+        return True
+
+    def zeros(self, like, shape, dt: DType):
+        cp = _cupy()
+        with cp.cuda.Device(like.device.id):
+            return cp.zeros(shape, dt.to_numpy())
+
+    def host_view(self, x) -> np.ndarray:
+        raise TypeError("a CuPy array is not a host array")
+
+
+class _Torch:
+    name = "torch"
+
+    def __init__(self) -> None:
+        t = _torch()
+        self.dtypes = {t.float16: DType.F16, t.bfloat16: DType.BF16, t.float32: DType.F32,
+                       t.float64: DType.F64}
+        self.torch_dtypes = {v: k for k, v in self.dtypes.items()}
+
+    def device(self, x) -> str:
+        d = x.device
+        return "cpu" if d.type == "cpu" else f"{d.type}:{d.index or 0}"
+
+    def dtype(self, x) -> DType | None:
+        return self.dtypes.get(x.dtype)
+
+    def numel(self, x) -> int:
+        return x.numel()
+
+    def itemsize(self, x) -> int:
+        return x.element_size()
+
+    def data_ptr(self, x) -> int:
+        return x.data_ptr()
+
+    def writeable(self, x) -> bool:
+        return True
+
+    def contiguous(self, x) -> bool:
+        return x.is_contiguous()
+
+    def zeros(self, like, shape, dt: DType):
+        return _torch().zeros(shape, dtype=self.torch_dtypes[dt], device=like.device)
+
+    def copy(self, x):
+        return x.detach().clone()
+
+    def host_view(self, x) -> np.ndarray:
+        t = _torch()
+        x = x.detach()
+        if x.dtype == t.bfloat16:
+            return x.view(t.int16).numpy().view(DType.BF16.to_numpy())
+        return x.numpy()
+
+
+_NUMPY = _Numpy()
+_ADAPTERS: dict[type, object] = {np.ndarray: _NUMPY}
+
+
+def adapter(x):
+    """The adapter for x's library, or None when x is not an array stepjit knows."""
+    try:
+        return _ADAPTERS[type(x)]
+    except KeyError:
+        pass
+    found = None
+    if isinstance(x, np.ndarray):
+        found = _NUMPY
+    elif (cp := _cupy()) is not None and isinstance(x, cp.ndarray):
+        found = _Cupy()
+    elif (t := _torch()) is not None and isinstance(x, t.Tensor):
+        found = _Torch()
+    if found is not None:
+        _ADAPTERS[type(x)] = found
+    return found
+
+
+def _of(x):
+    a = adapter(x)
+    if a is None:
+        raise TypeError(f"{type_name(x)} is not an array stepjit can update")
+    return a
 
 
 def is_array(x: object) -> bool:
-    return isinstance(x, np.ndarray) or is_cupy(x) or is_torch(x)
+    return adapter(x) is not None
+
+
+def is_torch(x: object) -> bool:
+    a = adapter(x)
+    return a is not None and a.name == "torch"
+
+
+def is_cupy(x: object) -> bool:
+    a = adapter(x)
+    return a is not None and a.name == "cupy"
 
 
 def type_name(x: object) -> str:
@@ -43,69 +183,45 @@ def type_name(x: object) -> str:
 
 def device(x) -> str:
     """'cpu' for host arrays, 'cuda:N' for device arrays."""
-    if isinstance(x, np.ndarray):
-        return "cpu"
-    if is_torch(x):
-        return "cpu" if x.device.type == "cpu" else f"{x.device.type}:{x.device.index or 0}"
-    return f"cuda:{x.device.id}"
-
-
-_DTYPES: dict = {}
-
-
-def _torch_dtypes() -> dict:
-    t = _torch()
-    return {t.float16: DType.F16, t.bfloat16: DType.BF16, t.float32: DType.F32,
-            t.float64: DType.F64}
+    return _of(x).device(x)
 
 
 def dtype(x) -> DType | None:
     """The IR dtype of an array, or None for dtypes the library does not update (int, complex)."""
-    try:
-        return _DTYPES[x.dtype]
-    except KeyError:
-        if is_torch(x):
-            d = _torch_dtypes().get(x.dtype)
-        else:
-            d = DType.from_numpy(x.dtype)
-            d = None if d is None or d is DType.BOOL else d
-        _DTYPES[x.dtype] = d
-        return d
+    return _of(x).dtype(x)
 
 
 def numel(x) -> int:
-    return x.numel() if is_torch(x) else int(x.size)
+    return _of(x).numel(x)
 
 
 def itemsize(x) -> int:
-    return x.element_size() if is_torch(x) else x.dtype.itemsize
+    return _of(x).itemsize(x)
 
 
 def data_ptr(x) -> int:
-    if isinstance(x, np.ndarray):
-        return x.ctypes.data
-    if is_torch(x):
-        return x.data_ptr()
-    return x.data.ptr
+    return _of(x).data_ptr(x)
 
 
 def is_writeable(x) -> bool:
-    return bool(x.flags.writeable) if isinstance(x, np.ndarray) else True
+    return _of(x).writeable(x)
 
 
 def is_contiguous(x) -> bool:
-    return x.is_contiguous() if is_torch(x) else bool(x.flags.c_contiguous)
+    return _of(x).contiguous(x)
 
 
 def is_aligned(x) -> bool:
     """Whether the data pointer is a multiple of the element size."""
-    return data_ptr(x) % itemsize(x) == 0
+    a = _of(x)
+    return a.data_ptr(x) % a.itemsize(x) == 0
 
 
 def byte_span(x) -> tuple[int, int]:
     """[start, end) of the bytes a contiguous array occupies."""
-    start = data_ptr(x)
-    return start, start + numel(x) * itemsize(x)
+    a = _of(x)
+    start = a.data_ptr(x)
+    return start, start + a.numel(x) * a.itemsize(x)
 
 
 def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -115,20 +231,12 @@ def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 def zeros(like, shape, dt: DType):
     """A zero-filled array of `shape` and `dt`, of the same library and device as `like`."""
-    if isinstance(like, np.ndarray):
-        return np.zeros(shape, dt.to_numpy())
-    if is_torch(like):
-        t = _torch()
-        torch_dtype = {v: k for k, v in _torch_dtypes().items()}[dt]
-        return t.zeros(shape, dtype=torch_dtype, device=like.device)
-    cp = _cupy()
-    with cp.cuda.Device(like.device.id):
-        return cp.zeros(shape, dt.to_numpy())
+    return _of(like).zeros(like, shape, dt)
 
 
 def copy(x):
     """An independent copy of an array, in its own library."""
-    return x.detach().clone() if is_torch(x) else x.copy()
+    return _of(x).copy(x)
 
 
 def assign(dst, src) -> None:
@@ -144,14 +252,7 @@ def assign(dst, src) -> None:
 
 def host_view(x) -> np.ndarray:
     """A numpy array sharing memory with a host array (torch CPU tensors included)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if is_torch(x):
-        x = x.detach()
-        if x.dtype == _torch().bfloat16:
-            return x.view(_torch().int16).numpy().view(DType.BF16.to_numpy())
-        return x.numpy()
-    raise TypeError(f"{type_name(x)} is not a host array")
+    return _of(x).host_view(x)
 
 
 def flat(x):
