@@ -1,11 +1,16 @@
 """`stepjit bench`: what compiling costs against what it saves, measured side by side.
 
-For each configuration and size: the compile phases (lower, parse, optimize, machine code, load
-from the disk cache), the first step cold / from disk / from memory, then the step time of stepjit
+For each configuration and size: the compile phases (trace, lower, parse, optimize, machine code,
+load; and a load from the disk cache), the first step cold / from disk / from memory, then the step
+time of stepjit
 beside numpy's in-place ufuncs, `torch.optim.SGD(fused=True)` (when torch is installed) and a
 streaming probe: an LLVM kernel that moves the same bytes with no arithmetic, timed in the same
 run. Competitors are interleaved (A B C A B C ...) and the median is reported, so a noisy
-neighbour slows everyone alike.
+neighbour slows everyone alike. Nothing is read from or written to the user's kernel cache: each
+measurement compiles into a private temporary directory.
+
+`stepjit bench --json FILE` writes `to_json(rows)`: {"stepjit", "host", "reps", "configs",
+"rows"}, one row per (configuration, size) with the fields of `Row`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -24,6 +30,7 @@ import numpy as np
 
 from . import optim
 from .ir import DType, Op, Slot, UpdateRule, tensor
+from .optim.sgd import sgd_rule
 from .parameter import Parameter
 from .runtime import cache as kcache
 from .runtime import select
@@ -36,18 +43,22 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def resnet50_like() -> list[tuple[int, ...]]:
-    """147 tensors, about 12.5M parameters, shaped like a ResNet-50's convolutions and norms."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+def resnet50_like(width: float = 0.745) -> list[tuple[int, ...]]:
+    """147 tensors, about 12.5M parameters: ResNet-50's bottleneck convolutions and norms, with
+    channels scaled by `width` (and the last block cut short) to land on those totals."""
+    def ch(x: int) -> int:
+        return max(1, round(x * width))
+
+    shapes: list[tuple[int, ...]] = [(ch(64), 3, 7, 7), (ch(64),), (ch(64),)]
+    cin = ch(64)
+    for base, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        mid, out = ch(base), ch(4 * base)
         for b in range(blocks):
-            shapes += [(width, cin, 1, 1), (width,), (width, width, 3, 3), (width,),
-                       (width * 2, width, 1, 1), (width * 2,)]
+            shapes += [(mid, cin, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,),
+                       (out, mid, 1, 1), (out,), (out,)]
             if b == 0:
-                shapes += [(width * 2, cin, 1, 1), (width * 2,)]
-            cin = width * 2
-    shapes += [(1000, cin), (1000,)]
+                shapes.append((out, cin, 1, 1))  # the projection shortcut
+            cin = out
     return shapes[:147]
 
 
@@ -72,7 +83,7 @@ class Row:
     tensors: int
     elements: int
     bytes_per_element: int
-    compile_ms: dict[str, float]  # lower, parse, optimize, codegen, load: a cold compile
+    compile_ms: dict[str, float]  # trace, lower, parse, optimize, codegen, load: a cold compile
     disk_load_ms: float  # kernel from the disk cache into a fresh engine
     first_step_ms: dict[str, float]  # cold, disk, memory
     step_ms: dict[str, float]  # stepjit, numpy, torch_fused, probe
@@ -80,14 +91,13 @@ class Row:
     break_even_steps: dict[str, float | None]  # steps until compiling paid off, per competitor
 
 
-# -- timing helpers ---------------------------------------------------------------------------------
+# -- timing helpers -----------------------------------------------------------------------
 def _interleaved(fns: dict[str, Callable[[], None]], reps: int, inner: int) -> dict[str, float]:
     """Median seconds per call of each fn, measured round-robin."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm up
     for _ in range(reps):
         for k, fn in fns.items():
+            fn()  # untimed: lets the previous competitor's threads settle, warms this one up
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -97,7 +107,7 @@ def _interleaved(fns: dict[str, Callable[[], None]], reps: int, inner: int) -> d
 
 @contextlib.contextmanager
 def _fresh_backend(cache_dir: str) -> Iterator[None]:
-    """A new LLVM backend (a new engine, empty memory cache) using `cache_dir`, like a new process."""
+    """A new LLVM backend (new engine, empty memory cache) using `cache_dir`: a new process."""
     old = os.environ.get("STEPJIT_CACHE_DIR")
     os.environ["STEPJIT_CACHE_DIR"] = cache_dir
     select._instance.cache_clear()
@@ -176,9 +186,6 @@ def _numpy_step(params, cfg) -> Callable[[], None]:
 def _torch_step(params, cfg) -> Callable[[], None] | None:
     if importlib.util.find_spec("torch") is None:
         return None
-    # torch's OpenMP workers spin after each parallel region by default, stealing the cores
-    # from whatever runs next in the interleaved loop; make them sleep instead.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     tensors = []
@@ -198,49 +205,47 @@ def _torch_step(params, cfg) -> Callable[[], None] | None:
 
 
 def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> Row:
+    """Measure one configuration over tensors of `shapes` (see the module docstring)."""
     cfg = CONFIGS[config]
     params = _make(shapes, dtype)
     elements = sum(p.size for p in params)
     inner = max(1, min(50, int(2e7 // max(elements, 1))))
 
-    with tempfile.TemporaryDirectory(prefix="stepjit-bench-") as tmp:
-        # cold: empty cache; disk: a fresh engine finds it on disk; memory: same engine again
-        first: dict[str, float] = {}
-        for label in ("cold", "disk"):
-            with _fresh_backend(tmp):
-                before = kcache.cache_info().compile_seconds
-                opt = optim.SGD(_make(shapes, dtype), **cfg)
-                t0 = time.perf_counter()
-                opt.step()
-                first[label] = 1e3 * (time.perf_counter() - t0)
-                kernels = [b.launch.kernel for b in opt._plans[("step", 0)].batches]
-                if label == "cold":
-                    compile_ms = _phases(kernels, "compiled")
-                else:
-                    disk_ms = 1e3 * (kcache.cache_info().compile_seconds - before)
-        opt2 = optim.SGD(_make(shapes, dtype, seed=1), **cfg)
+    def first_step(seed: int) -> tuple[float, optim.SGD]:
+        opt = optim.SGD(_make(shapes, dtype, seed=seed) if seed else params, **cfg)
         t0 = time.perf_counter()
-        opt2.step()
-        first["memory"] = 1e3 * (time.perf_counter() - t0)
-
-        opt = optim.SGD(params, **cfg)
         opt.step()
-        rule = opt._plans[("step", 0)].batches[0].rule
-        bpe = _bytes_per_element(rule)
-        backend = select.select_backend("llvm", {"cpu"})
-        probe_rule = _probe_rule(rule)
-        probe_tensors = [(p.data, p.grad, *opt.state.get(p, {}).values()) for p in params]
-        probe = backend.bind(
-            backend.compile(probe_rule), probe_tensors, np.zeros((len(params), 0))
-        )
-        fns: dict[str, Callable[[], None]] = {
-            "stepjit": opt.step,
-            "numpy": _numpy_step(_make(shapes, dtype), cfg),
-            "probe": lambda: probe(()),
-        }
-        if (ts := _torch_step(params, cfg)) is not None:
-            fns["torch_fused"] = ts
-        step = _interleaved(fns, reps, inner)
+        return 1e3 * (time.perf_counter() - t0), opt
+
+    # Everything runs against a private cache directory: the user's cache is neither read nor
+    # written, and "cold" really is cold.
+    with tempfile.TemporaryDirectory(prefix="stepjit-bench-") as tmp:
+        first: dict[str, float] = {}
+        with _fresh_backend(tmp):  # cold: an empty cache
+            first["cold"], opt = first_step(seed=0)
+            kernels = [b.launch.kernel for b in opt._plans[("step", 0)].batches]
+            compile_ms = {"trace": _trace_ms(opt, dtype), **_phases(kernels, "compiled")}
+        with _fresh_backend(tmp):  # a new engine, as in a new process: the kernel is on disk
+            before = kcache.cache_info().compile_seconds
+            first["disk"], opt = first_step(seed=0)
+            disk_ms = 1e3 * (kcache.cache_info().compile_seconds - before)
+            first["memory"], _ = first_step(seed=1)  # the same engine again: a memory hit
+
+            rule = opt._plans[("step", 0)].batches[0].rule
+            bpe = _bytes_per_element(rule)
+            backend = select.select_backend("llvm", {"cpu"})
+            probe_tensors = [(p.data, p.grad, *opt.state.get(p, {}).values()) for p in params]
+            probe = backend.bind(
+                backend.compile(_probe_rule(rule)), probe_tensors, np.zeros((len(params), 0))
+            )
+            fns: dict[str, Callable[[], None]] = {
+                "stepjit": opt.step,
+                "numpy": _numpy_step(_make(shapes, dtype), cfg),
+                "probe": lambda: probe(()),
+            }
+            if (ts := _torch_step(params, cfg)) is not None:
+                fns["torch_fused"] = ts
+            step = _interleaved(fns, reps, inner)
 
     step_ms = {k: 1e3 * v for k, v in step.items()}
     gbps = {k: elements * bpe / v / 1e9 for k, v in step.items()}
@@ -252,6 +257,18 @@ def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> 
     }
     return Row(config, size, np.dtype(dtype).name, len(shapes), elements, bpe, compile_ms,
                disk_ms, first, step_ms, gbps, break_even)
+
+
+def _trace_ms(opt: optim.SGD, dtype) -> float:
+    """Milliseconds to build the group's update rule from its structure (the memo bypassed)."""
+    structure = opt.structure(opt.param_groups[0])
+    dt = DType.from_numpy(dtype)
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sgd_rule.__wrapped__(*structure, dt, dt)
+        samples.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(samples)
 
 
 def _phases(kernels, source: str) -> dict[str, float]:
@@ -286,7 +303,8 @@ def format_table(rows: list[Row]) -> str:
             f"{(f'{even:6.0f}' if even is not None else 'never'):>6}"
         )
     lines.append("")
-    lines.append("times in ms: compile = cold compile (lower+parse+optimize+codegen+load); disk = "
+    lines.append("times in ms: compile = cold compile (trace+lower+parse+optimize+codegen+load); "
+                 "disk = "
                  "load from the disk cache; 1st = first step() cold / from disk / from memory;")
     lines.append("step columns: median step(); GB/s and %probe: bytes moved per step against "
                  "a no-arithmetic kernel moving the same bytes; even@ = steps until compiling "
@@ -294,17 +312,162 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_phases(rows: list[Row]) -> str:
+    """The cold compile split into its phases, and the break-even against each competitor."""
+    phases = ("trace", "lower", "parse", "optimize", "codegen", "load")
+    head = (f"{'config':<9} {'size':<9} " + " ".join(f"{p:>8}" for p in phases)
+            + f" {'total':>8} {'disk':>8} {'even@numpy':>10} {'even@torch':>10}")
+    lines = [head, "-" * len(head)]
+
+    def steps(v: float | None) -> str:
+        return f"{v:10.0f}" if v is not None else f"{'never':>10}"
+
+    for r in rows:
+        torch = r.break_even_steps.get("torch_fused", "-")
+        lines.append(
+            f"{r.config:<9} {r.size:<9} "
+            + " ".join(f"{r.compile_ms.get(p, 0.0):8.2f}" for p in phases)
+            + f" {sum(r.compile_ms.values()):8.2f} {r.disk_load_ms:8.2f}"
+            + f" {steps(r.break_even_steps.get('numpy'))}"
+            + (f" {'-':>10}" if torch == "-" else f" {steps(torch)}")
+        )
+    lines.append("")
+    lines.append("compile phases in ms (trace: build the rule; lower: LLVM IR text; parse; "
+                 "optimize: O3; codegen: machine code; load: into the JIT);")
+    lines.append("disk: the whole load from the disk cache; even@: steps after which the first "
+                 "step's compile has paid for itself against that competitor (never: stepjit is "
+                 "not faster per step)")
+    return "\n".join(lines)
+
+
 def run(configs: list[str], sizes: dict[str, Callable], reps: int = 7, progress=None) -> list[Row]:
+    """Measure every configuration at every size; `progress(message)` is called before each."""
     rows = []
+    total = len(configs) * len(sizes)
     for size, make in sizes.items():
         for config in configs:
             if progress:
-                progress(f"measuring {config} / {size} ...")
+                progress(f"[{len(rows) + 1}/{total}] measuring {config} / {size} ...")
             rows.append(measure(config, size, make(), reps=reps))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - the CLI calls run()
-    rows = run(list(CONFIGS), SIZES, progress=lambda m: print(m, file=sys.stderr))
-    print(format_table(rows))
-    return 0
+# -- command-line helpers: parsing, JSON, plot ------------------------------------------------
+_SIZE_RE = re.compile(r"(?:(\d+)x)?(\d+)([KMG]?)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_configs(text: str) -> list[str]:
+    """'sgd,momentum' -> ['sgd', 'momentum']; 'all' -> every configuration."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise ValueError(f"unknown configuration {', '.join(unknown) or repr(text)}; "
+                         f"choose from {', '.join(CONFIGS)} (comma-separated) or all")
+    return list(dict.fromkeys(names))
+
+
+def parse_sizes(text: str) -> dict[str, Callable[[], list[tuple[int, ...]]]]:
+    """Comma-separated sizes: a name (16M, resnet50, 200x1000, 1M, 50x1000), `N` elements in one
+    tensor or `COUNTxN` tensors of N elements each; N may end in K, M or G (powers of 1024)."""
+    named = {**SIZES, **QUICK_SIZES}
+    sizes: dict[str, Callable[[], list[tuple[int, ...]]]] = {}
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        if name in named:
+            sizes[name] = named[name]
+            continue
+        m = _SIZE_RE.fullmatch(name)
+        count, numel = (int(m[1] or 1), int(m[2]) * _UNITS[m[3]]) if m else (0, 0)
+        if count < 1 or numel < 1:
+            raise ValueError(f"bad size {name!r}: use a name ({', '.join(named)}), N or COUNTxN, "
+                             "N an element count with an optional K/M/G suffix")
+        sizes[name] = lambda count=count, numel=numel: [(numel,)] * count
+    if not sizes:
+        raise ValueError("no sizes given")
+    return sizes
+
+
+def to_json(rows: list[Row], reps: int | None = None) -> dict:
+    """The benchmark's results, with the host and library versions, as JSON-ready data."""
+    import platform
+
+    import llvmlite
+
+    from ._version import __version__
+    from .runtime.cpu import host_target, num_threads
+
+    torch_version = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch_version = torch.__version__
+    target = host_target()
+    host = {
+        "cpu": target.cpu, "triple": target.triple, "threads": num_threads(),
+        "machine": platform.machine(), "python": platform.python_version(),
+        "numpy": np.__version__, "llvmlite": llvmlite.__version__, "torch": torch_version,
+    }
+    configs = {r.config: CONFIGS.get(r.config, {}) for r in rows}
+    return {"stepjit": __version__, "host": host, "reps": reps, "configs": configs,
+            "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def rows_from_json(data: dict) -> list[Row]:
+    """The rows of a `to_json` document (or of a file written by `stepjit bench --json`)."""
+    names = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in r.items() if k in names}) for r in data["rows"]]
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Save a figure: step time of every competitor per row, and the compile break-even."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("--plot needs matplotlib: pip install 'stepjit[plot]'") from exc
+
+    labels = [f"{r.config}\n{r.size}" for r in rows]
+    x = np.arange(len(rows))
+    competitors = ["stepjit", "numpy", "torch_fused", "probe"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(rows) + 2), 8))
+    width = 0.8 / len(competitors)
+    for i, name in enumerate(competitors):
+        values = [r.step_ms.get(name, np.nan) for r in rows]
+        ax1.bar(x + (i - 1.5) * width, values, width, label=name)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("step time, ms (log)")
+    ax1.set_title("median step() time")
+    ax1.set_xticks(x, labels, fontsize=7)
+    ax1.legend(fontsize=8)
+    any_even = False
+    for i, name in enumerate(["numpy", "torch_fused"]):
+        values = [r.break_even_steps.get(name) for r in rows]
+        any_even = any_even or any(v is not None for v in values)
+        ax2.bar(x + (i - 0.5) * 0.4, [np.nan if v is None else v for v in values], 0.4,
+                label=f"against {name}")
+        for xi, r, v in zip(x, rows, values):
+            if v is None and name in r.step_ms:  # x in data, y in axes coordinates
+                ax2.text(xi + (i - 0.5) * 0.4, 0.02, "never", rotation=90, ha="center",
+                         va="bottom", fontsize=7, transform=ax2.get_xaxis_transform())
+    if any_even:
+        ax2.set_yscale("log")
+    ax2.set_ylabel("steps (log)")
+    ax2.set_title("steps until the cold compile has paid for itself")
+    ax2.set_xticks(x, labels, fontsize=7)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - the CLI is stepjit.cli
+    """`python -m stepjit.bench ARGS` is `stepjit bench ARGS`."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -45,7 +45,7 @@ class CompileError(RuntimeError):
     """Raised when generated code cannot be compiled or loaded safely."""
 
 
-# -- the host target --------------------------------------------------------------------------------
+# -- the host target -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HostTarget:
     triple: str
@@ -190,7 +190,8 @@ class LLVMBackend(Backend):
         self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         update_name, reduce_name = codegen.kernel_names(rule)
         update = KERNEL_CFUNC(self._engine.get_function_address(update_name))
-        reduce = KERNEL_CFUNC(self._engine.get_function_address(reduce_name)) if reduce_name else None
+        reduce = (KERNEL_CFUNC(self._engine.get_function_address(reduce_name))
+                  if reduce_name else None)
         timings.load = time.perf_counter() - t0
         seconds = timings.total()
         if source == "disk":
@@ -242,9 +243,14 @@ class LLVMBackend(Backend):
 
 
 def _dump(directory: Path, rule: UpdateRule, f16_native: bool) -> None:
+    """STEPJIT_DUMP_DIR: every stage of a kernel, named as `stepjit dump --out` names them."""
     directory.mkdir(parents=True, exist_ok=True)
+    text = lower_text(rule, f16_native)
+    optimized = optimize(text)
     (directory / f"{rule.name}.ir.txt").write_text(rule.text + "\n")
-    (directory / f"{rule.name}.ll").write_text(lower_text(rule, f16_native))
+    (directory / f"{rule.name}.ll").write_text(text)
+    (directory / f"{rule.name}.opt.ll").write_text(str(optimized))
+    (directory / f"{rule.name}.s").write_text(_target_machine().emit_assembly(optimized))
 
 
 # -- the launch table ---------------------------------------------------------------------------

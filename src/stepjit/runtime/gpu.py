@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -165,11 +164,14 @@ def cubin(source: str, arch: str | int = "sm_90") -> bytes:
 
 
 # -- the disk cache --------------------------------------------------------------------------------
+# Cubins are code this process will run: they go through the same private, checksummed,
+# atomically written cache as the CPU backend's object code.
+_IMAGES = {".cubin": cache.DiskCache("cuda", ".cubin"), ".ptx": cache.DiskCache("cuda", ".ptx")}
+
+
 def cache_dir() -> Path:
-    """Where compiled kernels are kept across processes: $STEPJIT_CACHE_DIR/cuda, by default
-    ~/.cache/stepjit/cuda."""
-    root = os.environ.get("STEPJIT_CACHE_DIR") or Path.home() / ".cache" / "stepjit"
-    return Path(root) / "cuda"
+    """Where compiled kernels are kept across processes: <stepjit cache>/cuda."""
+    return cache.default_cache_dir() / "cuda"
 
 
 def cache_key(source: str, arch: str) -> str:
@@ -179,38 +181,18 @@ def cache_key(source: str, arch: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def _read_cached(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def _write_cached(path: Path, data: bytes) -> None:
-    """Write atomically (a reader never sees a partial file); a cache that cannot be written
-    only costs a recompilation later."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
 def load_or_compile(source: str, arch: str) -> tuple[bytes, bool]:
     """The loadable image of `source` for `arch`: a cubin for 'sm_XX', NUL-terminated PTX for
     'compute_XX'; and whether it came from the disk cache."""
     arch = _arch(arch)
-    suffix = ".cubin" if arch.startswith("sm_") else ".ptx"
-    path = cache_dir() / f"{cache_key(source, arch)}{suffix}"
-    image = _read_cached(path)
+    store = _IMAGES[".cubin" if arch.startswith("sm_") else ".ptx"]
+    key = cache_key(source, arch)
+    image = store.get(key)
     if image:
         return image, True
     out = nvrtc_compile(source, arch)
     image = out.cubin if out.cubin is not None else out.ptx.encode() + b"\0"
-    _write_cached(path, image)
+    store.put(key, image)
     return image, False
 
 
@@ -335,6 +317,8 @@ class CUDABackend(Backend):
                 return kernel
             t0 = time.perf_counter()
             source = codegen.render(rule)
+            if dump_dir := os.environ.get("STEPJIT_DUMP_DIR"):
+                _dump(Path(dump_dir), rule, source, self.arch)
             image, from_disk = load_or_compile(source, self.arch)
             cp = _cupy()
             with cp.cuda.Device(self.device):
@@ -357,6 +341,14 @@ class CUDABackend(Backend):
 
     def bind(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
         return CUDALaunch(kernel, tensors, per_tensor)
+
+
+def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
+    """STEPJIT_DUMP_DIR: the rule, its CUDA source and PTX, named as `stepjit dump --out` does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{rule.name}.ir.txt").write_text(rule.text + "\n")
+    (directory / f"{rule.name}.cu").write_text(source)
+    (directory / f"{rule.name}.ptx").write_text(ptx(source, arch))
 
 
 class _Uploads:
@@ -397,7 +389,6 @@ class _Uploads:
 
 
 def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
-    cp = _cupy()
     slots = kernel.rule.slots
     for i, t in enumerate(tensors):
         if len(t) != len(slots):

@@ -40,7 +40,9 @@ class _ReferenceLaunch(Launch):
         self.rule = rule
         self.per_tensor = per_tensor
         names = [s.name for s in rule.slots]
-        self._views = [dict(zip(names, (arrays.flat(arrays.host_view(a)) for a in t))) for t in tensors]
+        self._views = [
+            dict(zip(names, (arrays.flat(arrays.host_view(a)) for a in t))) for t in tensors
+        ]
 
     def __call__(self, scalars: Sequence[float]) -> None:
         named = dict(zip(self.rule.scalar_names, scalars))

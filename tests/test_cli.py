@@ -1,0 +1,379 @@
+"""The `stepjit` command: dump, bench and cache, their help, and their errors.
+
+Most tests call `stepjit.cli.main` in-process; two run the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+
+import stepjit
+from stepjit import bench, cli
+from stepjit.codegen.llvm import kernel_names
+from stepjit.ir import DType
+from stepjit.optim.sgd import sgd_rule
+from stepjit.runtime import select
+
+CUDA_MISSING = importlib.util.find_spec("stepjit.codegen.cuda") is None
+CUDA_REASON = "stepjit.codegen.cuda is not importable"
+
+# every SGD structure: (flags, structure as sgd_rule takes it)
+STRUCTURES = [
+    (flags, (momentum, nesterov, decay, clip))
+    for momentum, nesterov, decay, clip in itertools.product([False, True], repeat=4)
+    if momentum or not nesterov
+    for flags in [
+        (["--momentum", "0.9"] if momentum else [])
+        + (["--nesterov"] if nesterov else [])
+        + (["--weight-decay", "1e-4"] if decay else [])
+        + (["--clip-norm", "1.0"] if clip else [])
+    ]
+]
+CONFIGS = [(flags, structure, dtype) for flags, structure in STRUCTURES for dtype in cli.DTYPES]
+
+
+def _id(config) -> str:
+    flags, _, dtype = config
+    terms = [f.lstrip("-") for f in flags if f.startswith("--")] or ["vanilla"]
+    return "_".join(terms) + "-" + dtype
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `stepjit ARGV`, run in-process."""
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rule_of(structure, dtype: str):
+    return sgd_rule(*structure, DType(dtype), DType(dtype))
+
+
+# -- errors: one line, exit status 2, no traceback -----------------------------------------------
+BAD = {
+    "dtype int8": (["dump", "--dtype", "int8"], "int8"),
+    "negative lr": (["dump", "--lr", "-1"], "Invalid lr: -1.0"),
+    "nan momentum": (["dump", "--momentum", "nan"], "Invalid momentum"),
+    "lr not a number": (["dump", "--lr", "fast"], "--lr"),
+    "nesterov without momentum": (["dump", "--nesterov"], "Nesterov"),
+    "dampening above 1": (["dump", "--dampening", "2"], "Invalid dampening"),
+    "zero scale": (["dump", "--scale", "0"], "Invalid scale"),
+    "unknown subcommand": (["frobnicate"], "frobnicate"),
+    "no subcommand": ([], "COMMAND"),
+    "unknown flag": (["dump", "--bogus"], "--bogus"),
+    "stage of the other backend": (["dump", "--backend", "llvm", "--stage", "ptx"], "ptx"),
+    "unknown stage": (["dump", "--stage", "obj"], "obj"),
+    "bad arch": (["dump", "--stage", "ptx", "--arch", "volta"], "volta"),
+    "bad size": (["bench", "--sizes", "3q"], "3q"),
+    "unknown config": (["bench", "--configs", "adamw"], "adamw"),
+    "zero reps": (["bench", "--reps", "0"], "--reps"),
+    "json into a missing directory": (["bench", "--json", "/nonexistent/dir/b.json"], "--json"),
+    "cache without action": (["cache"], "action"),
+    "unknown cache action": (["cache", "purge"], "purge"),
+}
+
+
+@pytest.mark.parametrize("argv, needle", BAD.values(), ids=BAD.keys())
+def test_bad_input_is_one_line_and_status_2(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("stepjit"), err
+    assert "error:" in err and needle in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv", [["--backend", "cuda"], ["--stage", "cuda"], ["--stage", "ptx"],
+                                  ["--backend", "cuda", "--stage", "all"]])
+def test_cuda_without_its_code_generator_is_a_one_line_error(capsys, monkeypatch, argv):
+    monkeypatch.setitem(sys.modules, "stepjit.codegen.cuda", None)  # importing it now fails
+    code, out, err = run(capsys, "dump", *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "CUDA code generator is not available" in err
+
+
+# -- help -----------------------------------------------------------------------------------------
+HELP = {
+    (): ["dump", "bench", "cache", "--version", "STEPJIT_CACHE_DIR", "STEPJIT_DUMP_DIR"],
+    ("dump",): ["--optimizer", "--lr", "--momentum", "--dampening", "--weight-decay",
+                "--nesterov", "--scale", "--clip-norm", "--dtype", "bfloat16", "--backend",
+                "--stage", "llvm-opt", "ptx", "--out", "--arch", "STEPJIT_DUMP_DIR"],
+    ("bench",): ["--quick", "--sizes", "--configs", "--reps", "--json", "--plot", "--quiet",
+                 "break_even_steps"],
+    ("cache",): ["info", "clear", "STEPJIT_CACHE_DIR"],
+}
+
+
+@pytest.mark.parametrize("command, words", HELP.items(), ids=lambda c: " ".join(c) or "stepjit")
+def test_help_is_complete(capsys, command, words):
+    code, out, err = run(capsys, *command, "--help")
+    assert code == 0 and err == ""
+    flat = " ".join(out.split())
+    missing = [w for w in words if w not in flat]
+    assert not missing, f"stepjit {' '.join(command)} --help does not mention {missing}"
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"stepjit {stepjit.__version__}"
+
+
+# -- dump -----------------------------------------------------------------------------------------
+def test_dump_ir_is_one_line_per_node_and_names_the_scalars(capsys):
+    structure = (True, False, True, True)
+    code, out, _ = run(capsys, "dump", "--momentum", "0.9", "--weight-decay", "1e-4",
+                       "--clip-norm", "1", "--dtype", "float16")
+    assert code == 0
+    rule = rule_of(structure, "float16")
+    node_lines = [line for line in out.splitlines() if re.match(r"\s+%\d+\s*=", line)]
+    assert len(node_lines) == len(rule.nodes)
+    assert out.splitlines()[0].startswith(f"rule {rule.name}(")
+    for name in ("lr", "momentum", "dampening", "weight_decay", "scale", "clip_norm"):
+        assert re.search(rf"\b{name}\b", out), name
+    for slot in ("param", "momentum_buffer"):
+        assert re.search(rf"^\s+{slot} <- %\d+$", out, flags=re.M), slot
+
+
+def test_numeric_values_do_not_change_the_kernel(capsys):
+    _, a, _ = run(capsys, "dump", "--stage", "llvm", "--momentum", "0.9", "--lr", "0.1")
+    _, b, _ = run(capsys, "dump", "--stage", "llvm", "--momentum", "0.5", "--lr", "3",
+                  "--dampening", "0.3", "--scale", "0.25")
+    _, c, _ = run(capsys, "dump", "--stage", "llvm", "--lr", "0.1")
+    assert a == b != c
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_dump_every_llvm_stage_of_every_configuration(capsys, config):
+    flags, structure, dtype = config
+    rule = rule_of(structure, dtype)
+    symbols = [n for n in kernel_names(rule) if n]
+    for stage in ("llvm", "llvm-opt"):
+        code, out, err = run(capsys, "dump", *flags, "--dtype", dtype, "--stage", stage)
+        assert code == 0, err
+        module = llvm.parse_assembly(out)
+        module.verify()
+        assert set(symbols) <= {f.name for f in module.functions}
+    code, out, err = run(capsys, "dump", *flags, "--dtype", dtype, "--stage", "asm")
+    assert code == 0, err
+    labels = set(re.findall(r"^([A-Za-z_.$][\w.$]*):", out, flags=re.M))
+    assert set(symbols) <= labels
+
+
+def test_dump_out_writes_one_file_per_stage_named_by_configuration(capsys, tmp_path):
+    code, out, err = run(capsys, "dump", "--momentum", "0.9", "--nesterov", "--dtype", "bfloat16",
+                         "--stage", "all", "--out", str(tmp_path / "k"))
+    assert code == 0, err
+    rule = rule_of((True, True, False, False), "bfloat16")
+    assert rule.name == "sgd_nesterov_bfloat16_bfloat16"
+    expected = {f"{rule.name}{cli.SUFFIX[s]}" for s in cli.LLVM_STAGES}
+    assert {p.name for p in (tmp_path / "k").iterdir()} == expected
+    assert sorted(Path(p).name for p in out.split()) == sorted(expected)
+    assert (tmp_path / "k" / f"{rule.name}.ir.txt").read_text() == rule.text + "\n"
+
+    code, out, _ = run(capsys, "dump", "--stage", "llvm", "--out", str(tmp_path / "one"))
+    assert code == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["sgd_float32_float32.ll"]
+
+
+def test_dump_all_to_stdout_marks_each_stage(capsys):
+    code, out, _ = run(capsys, "dump", "--stage", "all")
+    assert code == 0
+    assert re.findall(r"^==> (\S+) <==$", out, flags=re.M) == [
+        f"sgd_float32_float32{cli.SUFFIX[s]}" for s in cli.LLVM_STAGES
+    ]
+
+
+def test_dump_dir_writes_what_the_library_compiles(tmp_path, monkeypatch):
+    """STEPJIT_DUMP_DIR: a user's own run leaves each compiled kernel, under the names
+    `stepjit dump --out` uses."""
+    monkeypatch.setenv("STEPJIT_DUMP_DIR", str(tmp_path / "dump"))
+    monkeypatch.setenv("STEPJIT_CACHE_DIR", str(tmp_path / "cache"))
+    select._instance.cache_clear()  # a new engine: the kernel is compiled, not found in memory
+    try:
+        p = stepjit.Parameter(np.zeros(8, np.float64))
+        p.grad = np.ones(8, np.float64)
+        stepjit.optim.SGD([p], lr=0.1, momentum=0.9, clip_norm=1.0, backend="llvm").step()
+    finally:
+        select._instance.cache_clear()
+    rule = rule_of((True, False, False, True), "float64")
+    written = {f.name for f in (tmp_path / "dump").iterdir()}
+    assert {f"{rule.name}{s}" for s in (".ir.txt", ".ll", ".opt.ll", ".s")} == written
+    llvm.parse_assembly((tmp_path / "dump" / f"{rule.name}.ll").read_text()).verify()
+
+
+@pytest.mark.skipif(CUDA_MISSING, reason=CUDA_REASON)
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_dump_cuda_source_of_every_configuration(capsys, config):
+    flags, structure, dtype = config
+    code, out, err = run(capsys, "dump", *flags, "--dtype", dtype, "--stage", "cuda")
+    assert code == 0, err
+    assert "__global__" in out
+
+
+@pytest.mark.skipif(CUDA_MISSING, reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", cli.DTYPES)
+def test_dump_ptx_compiles_without_a_gpu(capsys, dtype):
+    try:
+        import stepjit.runtime.gpu  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"stepjit.runtime.gpu is not importable: {exc}")
+    code, out, err = run(capsys, "dump", "--momentum", "0.9", "--weight-decay", "1e-4",
+                         "--clip-norm", "1", "--dtype", dtype, "--stage", "ptx", "--arch", "sm_80")
+    assert code == 0, err
+    assert ".version" in out and ".target sm_80" in out
+    assert out.count(".entry") == 2  # the partial sums of the clip norm, then the update
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def test_parse_sizes_and_configs():
+    sizes = bench.parse_sizes("4M, 3x1K,resnet50")
+    assert list(sizes) == ["4M", "3x1K", "resnet50"]
+    assert sizes["4M"]() == [(4 << 20,)] and sizes["3x1K"]() == [(1024,)] * 3
+    assert len(sizes["resnet50"]()) == 147
+    assert bench.parse_configs("clip,sgd,clip") == ["clip", "sgd"]
+    assert bench.parse_configs("all") == list(bench.CONFIGS)
+    for bad in ("0", "2x", "x5", "1T", ""):
+        with pytest.raises(ValueError):
+            bench.parse_sizes(bad)
+
+
+def test_bench_quick_json_has_the_documented_fields(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", "--quick", "--configs", "sgd,clip", "--json", str(path))
+    assert code == 0, err
+    assert out.startswith("config") and "even@torch" in out
+    assert "[1/4] measuring sgd" in err  # progress on stderr
+    data = json.loads(path.read_text())
+    assert set(data) == {"stepjit", "host", "reps", "configs", "rows"}
+    assert data["stepjit"] == stepjit.__version__ and data["reps"] == 3
+    assert {"cpu", "threads", "numpy", "llvmlite", "torch"} <= set(data["host"])
+    assert [(r["config"], r["size"]) for r in data["rows"]] == [
+        (c, s) for s in bench.QUICK_SIZES for c in ("sgd", "clip")
+    ]
+    has_torch = importlib.util.find_spec("torch") is not None
+    for row in data["rows"]:
+        assert set(row) == {f.name for f in dataclasses.fields(bench.Row)}
+        assert set(row["compile_ms"]) == {"trace", "lower", "parse", "optimize", "codegen", "load"}
+        assert set(row["first_step_ms"]) == {"cold", "disk", "memory"}
+        torch_here = has_torch and row["config"] != "clip"  # torch's SGD has no clipping
+        competitors = {"stepjit", "numpy", "probe"} | ({"torch_fused"} if torch_here else set())
+        assert set(row["step_ms"]) == set(row["gbps"]) == competitors
+        assert set(row["break_even_steps"]) == competitors - {"stepjit", "probe"}
+        numbers = [*row["compile_ms"].values(), row["disk_load_ms"], *row["first_step_ms"].values(),
+                   *row["step_ms"].values(), *row["gbps"].values(), row["elements"],
+                   row["tensors"], row["bytes_per_element"]]
+        assert all(isinstance(x, (int, float)) and x > 0 for x in numbers), row
+        assert all(v is None or v > 0 for v in row["break_even_steps"].values())
+        assert row["first_step_ms"]["cold"] > row["first_step_ms"]["memory"]
+    # the JSON reads back into rows that format as the terminal table did
+    assert bench.format_table(bench.rows_from_json(data)).splitlines()[0] == out.splitlines()[0]
+    # every field of a row is documented in `stepjit bench --help`
+    _, help_text, _ = run(capsys, "bench", "--help")
+    flat = " ".join(help_text.split())
+    assert all(name in flat for name in data["rows"][0])
+    # and the JSON renders as BENCHMARKS.md
+    page = _benchmarks_md().render(data)
+    assert page.startswith("# Benchmarks") and "## Compile cost and break-even" in page
+    for row in data["rows"]:
+        assert re.search(rf"^\| {row['config']} \| {row['size']} \|", page, flags=re.M)
+
+
+def _benchmarks_md():
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_benchmarks_md.py"
+    spec = importlib.util.spec_from_file_location("bench_benchmarks_md", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_rows() -> list[bench.Row]:
+    return [
+        bench.Row(c, "1M", "float32", 1, 1 << 20, 12, dict.fromkeys(("trace", "lower"), 1.0),
+                  0.3, {"cold": 30.0, "disk": 2.0, "memory": 1.0},
+                  {"stepjit": 0.5, "numpy": 0.9, "probe": 0.2, "torch_fused": 0.4},
+                  {"stepjit": 25.0, "numpy": 14.0, "probe": 60.0, "torch_fused": 30.0},
+                  {"numpy": 75.0, "torch_fused": None})
+        for c in ("sgd", "momentum")
+    ]
+
+
+def test_plot_without_matplotlib_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, out, err = run(capsys, "bench", "--quick", "--plot", str(tmp_path / "b.png"))
+    assert code == 2 and out == "" and "pip install 'stepjit[plot]'" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib is not installed (the plot extra)")
+def test_plot_writes_a_png(tmp_path):
+    bench.plot(_fake_rows(), str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- cache ----------------------------------------------------------------------------------------
+def test_cache_info_and_clear_act_on_the_cache_dir(capsys, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "kernels"
+    monkeypatch.setenv("STEPJIT_CACHE_DIR", str(cache_dir))
+    code, out, _ = run(capsys, "cache", "info")
+    assert code == 0 and f"location  {cache_dir}" in out and "0 entries" in out
+
+    select._instance.cache_clear()  # a new engine, so these kernels are compiled into cache_dir
+    try:
+        for kw in ({}, {"momentum": 0.9}):
+            p = stepjit.Parameter(np.zeros(4, np.float32))
+            p.grad = np.ones(4, np.float32)
+            stepjit.optim.SGD([p], lr=0.1, backend="llvm", **kw).step()
+    finally:
+        select._instance.cache_clear()
+    (cache_dir / "llvm" / "notes.txt").write_text("not a kernel")
+    (cache_dir / "llvm" / f"{'0' * 40}.o").write_bytes(b"not a kernel either")
+    cuda = 0
+    if not CUDA_MISSING and importlib.util.find_spec("stepjit.runtime.gpu"):
+        from stepjit.codegen.cuda import render
+        from stepjit.runtime.gpu import load_or_compile
+
+        load_or_compile(render(rule_of((False, False, False, False), "float32")), "sm_75")
+        cuda = 1
+
+    code, out, _ = run(capsys, "cache", "info")
+    assert code == 0
+    assert re.search(r"^llvm\s+2 entries, [\d.]+ (B|KiB)$", out, flags=re.M), out
+    assert bool(re.search(r"^cuda\s+1 entries", out, flags=re.M)) == bool(cuda), out
+    assert re.search(rf"^total\s+{2 + cuda} entries", out, flags=re.M)
+
+    code, out, _ = run(capsys, "cache", "clear")
+    assert code == 0 and out.strip() == f"removed {2 + cuda} entries from {cache_dir}"
+    assert sorted(p.name for p in (cache_dir / "llvm").iterdir()) == [f"{'0' * 40}.o", "notes.txt"]
+    _, out, _ = run(capsys, "cache", "info")
+    assert re.search(r"^total\s+0 entries", out, flags=re.M)
+
+
+# -- the real entry point -------------------------------------------------------------------------
+def test_python_m_stepjit_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "stepjit", "dump", "--stage", "ir"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("rule sgd_float32_float32(")
+
+
+def test_installed_script_reports_bad_values_in_one_line():
+    script = Path(sys.executable).with_name("stepjit")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "stepjit"]
+    done = subprocess.run([*argv, "dump", "--dtype", "int8"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("stepjit dump: error: argument --dtype: invalid choice: 'int8'")
