@@ -61,7 +61,9 @@ class Parameter:
     @grad.setter
     def grad(self, value) -> None:
         if value is not None and not arrays.is_array(value):
-            raise TypeError(f"Parameter.grad must be an array or None, got {arrays.type_name(value)}")
+            raise TypeError(
+                f"Parameter.grad must be an array or None, got {arrays.type_name(value)}"
+            )
         if value is not self._grad:  # `p.grad += g` assigns the same array back
             self._grad = value
             _bump()

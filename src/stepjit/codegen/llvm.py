@@ -84,7 +84,7 @@ class _Ctx:
         """`v` (a float or double) rounded to nearest-even into `dtype`."""
         b = self.builder
         if dtype in (DType.F16, DType.BF16) and v.type == F64:
-            v = b.fptrunc(v, F32)  # double -> half goes through float (LLVM has no libcall-free path)
+            v = b.fptrunc(v, F32)  # double -> half goes through float: no libcall-free direct path
         if dtype is DType.F16:
             return b.fptrunc(v, HALF) if self.f16_native else _soft_float_to_half(b, v)
         if dtype is DType.BF16:
@@ -281,7 +281,7 @@ def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Funct
     b.position_at_end(done)
     if reduce:
         out = fn.args[-1]
-        for r, (acc, new) in enumerate(accs):
+        for r, (_, new) in enumerate(accs):
             total = b.phi(F64)
             total.add_incoming(ir.Constant(F64, 0.0), entry)
             total.add_incoming(new, loop)
@@ -382,7 +382,7 @@ def _sum_partials(b: ir.IRBuilder, fn, tchunks, partials, t, n_red) -> list[ir.V
     b.cbranch(b.icmp_signed("<", nxt, stop), loop, after)
     b.position_at_end(after)
     sums = []
-    for acc, new in accs:
+    for _, new in accs:
         s = b.phi(F64)
         s.add_incoming(ir.Constant(F64, 0.0), head)
         s.add_incoming(new, loop)

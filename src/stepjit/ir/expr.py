@@ -69,7 +69,9 @@ class Expr:
         other = _lift(other, self.dtype)
         a, b = (other, self) if reflected else (self, other)
         if a.dtype is not b.dtype:
-            raise TypeError(f"{op.value}: operand dtypes differ ({a.dtype} and {b.dtype}); cast one")
+            raise TypeError(
+                f"{op.value}: operand dtypes differ ({a.dtype} and {b.dtype}); cast one"
+            )
         return Expr(op, DType.BOOL if op is Op.CMPLT else a.dtype, (a, b))
 
     def __add__(self, o: Operand) -> Expr:
