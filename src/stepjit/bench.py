@@ -92,12 +92,18 @@ class Row:
 
 
 # -- timing helpers -----------------------------------------------------------------------
+SETTLE_SECONDS = 0.005
+
+
 def _interleaved(fns: dict[str, Callable[[], None]], reps: int, inner: int) -> dict[str, float]:
     """Median seconds per call of each fn, measured round-robin."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            fn()  # untimed: lets the previous competitor's threads settle, warms this one up
+            # torch's OpenMP workers spin for a few ms after each parallel region: let them go
+            # idle so they do not steal a core from the next competitor
+            time.sleep(SETTLE_SECONDS)
+            fn()  # untimed: warms this competitor up
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
