@@ -70,17 +70,12 @@ class UpdateRule:
         # ABI order: sorted by name, so adding a term never reorders unrelated arguments
         self.scalars: tuple[tuple[str, DType], ...] = tuple(sorted(scalars.items()))
         self.per_tensor: tuple[tuple[str, DType], ...] = tuple(sorted(per_tensor.items()))
+        self.scalar_names: tuple[str, ...] = tuple(n for n, _ in self.scalars)
+        self.per_tensor_names: tuple[str, ...] = tuple(n for n, _ in self.per_tensor)
         self.reductions: tuple[Expr, ...] = tuple(n for n in self.nodes if n.op is Op.SUM)
         self.text = self._render()
         self.key = hashlib.sha256(self.text.encode()).hexdigest()[:20]
 
-    @property
-    def scalar_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.scalars)
-
-    @property
-    def per_tensor_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.per_tensor)
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:

@@ -164,7 +164,9 @@ class Optimizer:
             raise ValueError(f"param group {index}: a parameter appears in more than one group")
         for name, default in self.defaults.items():
             if default is required and name not in group:
-                raise ValueError(f"param group {index}: parameter '{name}' is required (none given)")
+                raise ValueError(
+                    f"param group {index}: parameter '{name}' is required (none given)"
+                )
             group.setdefault(name, default)
         group.setdefault("lr_mult", 1.0)
         group.setdefault("decay_mult", 1.0)
@@ -513,7 +515,10 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
     """Raise ValueError naming `name` unless `value` is a finite real in the allowed range."""
     if value is required:
         raise ValueError(f"parameter '{name}' is required (none given)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kind = type(value)  # float and int first: this runs for every hyperparameter at every step
+    if kind is not float and kind is not int and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ):
         raise TypeError(f"Invalid {name}: {value!r} (must be a real number)")
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")

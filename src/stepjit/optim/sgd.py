@@ -1,4 +1,4 @@
-"""SGD with momentum, Nesterov, dampening, weight decay, gradient scaling and per-tensor clipping."""
+"""SGD with momentum, Nesterov, dampening, weight decay, gradient scaling and per-tensor clip."""
 
 from __future__ import annotations
 
