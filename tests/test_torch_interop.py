@@ -6,7 +6,6 @@ import copy
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -186,8 +185,9 @@ DDP_WORKER = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     import stepjit.torch
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    if world > 1:  # rendezvous through a file: no TCP port to race for
+        dist.init_process_group("gloo", init_method="file://" + os.environ["RENDEZVOUS"],
+                                rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = stepjit.torch.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3,
@@ -206,15 +206,9 @@ DDP_WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_data_parallel_gloo_matches_one_process_on_the_whole_batch():
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo"}
+def test_data_parallel_gloo_matches_one_process_on_the_whole_batch(tmp_path):
+    env = {**os.environ, "RENDEZVOUS": str(tmp_path / "rendezvous"), "WORLD_SIZE": "2",
+           "GLOO_SOCKET_IFNAME": "lo"}
     procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
@@ -236,3 +230,26 @@ def test_bucketing_splits_by_size_and_dtype():
              torch.zeros(100)]
     buckets = stepjit.torch._buckets(grads, cap=100)
     assert [len(b) for b in buckets] == [2, 1, 1]
+
+
+def test_gradients_are_not_kept_alive_by_the_launch_table(backend):
+    """After set_to_none the old gradients are freed (backward can reuse their memory), and a
+    new gradient at another address is picked up."""
+    import gc
+    import weakref
+
+    if backend == "reference":
+        pytest.skip("the interpreter works through numpy views, which hold their arrays")
+    w = torch.zeros(1000, requires_grad=True)
+    opt = stepjit.torch.SGD([w], lr=1.0, backend=backend)
+    w.grad = torch.ones(1000)
+    opt.step()
+    old = weakref.ref(w.grad)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert old() is None
+    keep = torch.full((1000,), 5.0)  # occupies memory so the next gradient lands elsewhere
+    w.grad = torch.full((1000,), 2.0)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((1000,), -3.0))
+    del keep

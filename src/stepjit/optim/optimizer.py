@@ -432,6 +432,8 @@ class Optimizer:
                     if name in names:
                         pt[:, names.index(name)] = values
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
+            if self._has_torch:
+                b.launch.forget("grad")
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
                 b.launch.per_tensor[:, b.first_column] = 0.0
@@ -465,8 +467,14 @@ def _check_param(where_: str, p) -> None:
 
 
 def _torch_fingerprint(params) -> tuple:
-    """What torch may change without telling us: the .grad objects and the data pointers."""
-    return tuple([(id(p.grad), p.data_ptr() if arrays.is_torch(p) else 0) for p in params])
+    """What torch may change without telling us: where each gradient and parameter lives.
+
+    Launch tables of torch groups do not keep gradients alive (`Launch.forget`), so that
+    `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. A gradient at the
+    same address is then as good as the old one: torch keeps a gradient's shape, dtype and device
+    equal to its parameter's.
+    """
+    return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr()) for p in params])
 
 
 def _check_gradient(where_: str, grad) -> DType:

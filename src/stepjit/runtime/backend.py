@@ -29,6 +29,16 @@ class Launch(abc.ABC):
     def __call__(self, scalars: Sequence[float]) -> None:
         """Run the rule over every bound tensor; `scalars` in `rule.scalar_names` order."""
 
+    def forget(self, slot: str) -> None:
+        """Stop holding references to the arrays of `slot` (their pointers stay in the table).
+
+        The caller then guarantees, before every later call, that each pointer still addresses a
+        live array of the same size and dtype (torch's gradients: see `optim.optimizer`), so that
+        memory the launch no longer needs can be freed and reused between steps.
+        """
+        k = [s.name for s in self.rule.slots].index(slot)
+        self._held = [t[:k] + (None,) + t[k + 1 :] for t in self._held]
+
 
 class Backend(abc.ABC):
     """Turns rules into launches for arrays of one kind (host, or one CUDA device)."""

@@ -267,7 +267,7 @@ class CPULaunch(Launch):
         self.per_tensor = per_tensor
         if per_tensor.dtype != np.float64 or not per_tensor.flags.c_contiguous:
             raise ValueError("per_tensor must be a C-contiguous float64 array")
-        self._keep = tensors  # the pointers below are only valid while these arrays live
+        self._held = tensors  # the pointers below are only valid while these arrays live
         n = len(tensors)
         self._ptrs = np.array(
             [[arrays.data_ptr(a) for a in t] for t in tensors], dtype=np.uintp

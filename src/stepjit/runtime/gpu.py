@@ -423,7 +423,7 @@ class CUDALaunch(Launch):
         self.rule = kernel.rule
         self.kernel = kernel
         self.per_tensor = per_tensor
-        self._tensors = tensors  # the tables hold raw addresses: keep the arrays alive
+        self._held = tensors  # the tables hold raw addresses: keep the arrays alive
         self._upload = _Uploads()
         tables = build_tables(
             [[arrays.data_ptr(a) for a in t] for t in tensors],
