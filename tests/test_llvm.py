@@ -256,3 +256,18 @@ def test_step_allocates_nothing_proportional_to_size():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < n  # a float32 copy would be 4n bytes
+
+
+def test_two_reductions_in_one_pass(backend):
+    """Two sums (LARS's ||p|| and ||g||) share one reduce pass and one partials row per chunk."""
+    rng = np.random.default_rng(6)
+    F = DType.F32
+    a, b = tensor("a", F), tensor("b", F)
+    na, nb = (a.cast(DType.F64) * a.cast(DType.F64)).sum(), b.cast(DType.F64).sum()
+    rule = UpdateRule("two_sums", [Slot("a", F), Slot("b", F), Slot("out", F, True)],
+                      {"out": a * (na / (nb * nb + 1.0)).cast(F)})
+    x = rng.standard_normal(3 * cpu.CHUNK + 11).astype(np.float32)
+    y = rng.standard_normal(x.size).astype(np.float32)
+    want = evaluate(rule, {"a": x, "b": y, "out": np.zeros_like(x)}, {})["out"]
+    out = run_rule(backend, rule, [x, y, np.zeros_like(x)])[2]
+    np.testing.assert_allclose(out, want, rtol=1e-6)

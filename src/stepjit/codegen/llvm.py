@@ -281,10 +281,13 @@ def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Funct
     b.position_at_end(done)
     if reduce:
         out = fn.args[-1]
-        for r, (_, new) in enumerate(accs):
+        totals = []
+        for _, new in accs:  # every phi before the first store: phis must open the block
             total = b.phi(F64)
             total.add_incoming(ir.Constant(F64, 0.0), entry)
             total.add_incoming(new, loop)
+            totals.append(total)
+        for r, total in enumerate(totals):
             b.store(total, b.gep(out, [I64(r)], source_etype=F64), align=8)
     b.ret_void()
     return fn
@@ -368,10 +371,13 @@ def _sum_partials(b: ir.IRBuilder, fn, tchunks, partials, t, n_red) -> list[ir.V
     b.position_at_end(loop)
     k = b.phi(I64)
     k.add_incoming(first, head)
-    accs = []
-    for r in range(n_red):
+    phis = []
+    for _ in range(n_red):  # every phi before the first load: phis must open the block
         acc = b.phi(F64)
         acc.add_incoming(ir.Constant(F64, 0.0), head)
+        phis.append(acc)
+    accs = []
+    for r, acc in enumerate(phis):
         part = b.load(b.gep(partials, [b.add(b.mul(k, I64(n_red)), I64(r))], source_etype=F64),
                       typ=F64)
         accs.append((acc, b.fadd(acc, part)))  # no reassoc: chunk order, deterministic
