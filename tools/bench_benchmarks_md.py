@@ -123,10 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write BENCHMARKS.md from stepjit bench --json.")
     parser.add_argument("json", help="the file written by stepjit bench --json")
     parser.add_argument("-o", "--output", default=None, help="the page to write (default: stdout)")
+    parser.add_argument(
+        "--section", nargs=2, action="append", default=[], metavar=("TITLE", "FILE"),
+        help="append FILE (another tool's output, verbatim) under the heading TITLE; repeatable",
+    )
     args = parser.parse_args(argv)
     try:
         data = json.loads(Path(args.json).read_text())
         text = render(data, Path(args.json).name)
+        for title, path in args.section:
+            body = Path(path).read_text().rstrip("\n")
+            text += f"\n## {title}\n\n```\n{body}\n```\n"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         parser.error(f"cannot read {args.json}: {exc}")
     if args.output:
