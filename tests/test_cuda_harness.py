@@ -25,7 +25,10 @@ from stepjit.ir import (
     tensor,
     where,
 )
+from stepjit.optim.adam import adam_rule
+from stepjit.optim.lars import lars_rule
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
+from stepjit.optim.rmsprop import rmsprop_rule
 from stepjit.optim.sgd import sgd_rule
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (g++)")
@@ -80,8 +83,15 @@ PLAIN = [
     _zero_rule(F16),
     _zero_rule(BF16),
     _zero_rule(F64),
+    adam_rule(True, True, False, False, F32, F32),
+    adam_rule(False, False, True, False, BF16, BF16),
+    rmsprop_rule(True, True, True, False, F32, F32),
+    rmsprop_rule(False, False, False, False, F16, F16),
 ]
 CLIP = [
+    lars_rule(True, True, False, F32, F32),
+    lars_rule(True, True, True, F16, F16),
+    adam_rule(False, True, False, True, F64, F64),
     sgd_rule(True, False, True, True, F32, F32),
     sgd_rule(True, True, True, True, F16, BF16),
     sgd_rule(False, False, False, True, BF16, BF16),
@@ -109,7 +119,10 @@ def libs(tmp_path_factory):
 
 # -- data ------------------------------------------------------------------------------------------
 SCALARS = {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.01, "scale": 0.5,
-           "clip_norm": 20.0, "a": 0.75, "s": -1.5}
+           "clip_norm": 20.0, "a": 0.75, "s": -1.5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+           "alpha": 0.99, "trust_coef": 0.02}
+# per-tensor values the host computes (Adam's bias corrections): positive, differing per tensor
+HOST_VALUES = ("step_size", "bias_correction2_sqrt")
 
 
 def scalars_for(rule: UpdateRule) -> dict[str, float]:
@@ -146,7 +159,10 @@ def make_tensors(rule, sizes, rng, misaligned=(), specials=()):
 def first_flags(rule, n):
     pt = np.zeros((n, len(rule.per_tensor)))
     for j, (name, _) in enumerate(rule.per_tensor):
-        pt[:, j] = (np.arange(n) % 2 == 0) if name in ("first", "flag") else np.arange(n) * 0.5
+        if name in HOST_VALUES:
+            pt[:, j] = 0.5 + 0.25 * np.arange(n)
+        else:
+            pt[:, j] = (np.arange(n) % 2 == 0) if name in ("first", "flag") else np.arange(n) * 0.5
     return pt
 
 
