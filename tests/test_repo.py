@@ -33,3 +33,7 @@ def test_readme_examples_run(tmp_path):
         for code in examples
     ]
     assert outputs[0].startswith("llvm CacheInfo(")
+    # an example whose print is annotated with its output prints exactly that
+    for code, out in zip(examples, outputs):
+        for expected in re.findall(r"^print\(.*\)\s+# (\[.*\])$", code, flags=re.M):
+            assert expected in out

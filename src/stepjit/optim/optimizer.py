@@ -90,6 +90,7 @@ class Optimizer:
         self._pending: frozenset = frozenset()  # params with accumulated gradients
         self._state_gen = 0  # bumped when state buffers are created or loaded
         self._plans: dict[tuple, _Plan] = {}
+        self._rules: dict[tuple, UpdateRule] = {}
         self._requested_backend = backend
         self._has_torch = False
 
@@ -130,7 +131,8 @@ class Optimizer:
         raise NotImplementedError
 
     def rule(self, structure: tuple, param_dtype: DType, grad_dtype: DType) -> UpdateRule:
-        """The update rule for one structure and dtype combination (memoize it)."""
+        """The update rule for one structure and dtype combination (called once per optimizer
+        for each; the base class keeps the result)."""
         raise NotImplementedError
 
     def scalars(self, group: dict) -> dict[str, float]:
@@ -391,7 +393,10 @@ class Optimizer:
                         self._accum[p] = arrays.zeros(data, tuple(data.shape), pd.compute)
                 yield rule, params, [(g, self._accum[p]) for p, g in items], first
                 continue
-            rule = self.rule(structure, pd, gd)
+            key = (structure, pd, gd)
+            rule = self._rules.get(key)
+            if rule is None:  # trace once per structure: rebuilds of the table reuse it
+                rule = self._rules[key] = self.rule(structure, pd, gd)
             state_slots = [s.name for s in rule.slots if s.name not in ("param", "grad")]
             first = np.zeros(len(params))
             for j, p in enumerate(params):
