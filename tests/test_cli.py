@@ -377,3 +377,74 @@ def test_installed_script_reports_bad_values_in_one_line():
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("stepjit dump: error: argument --dtype: invalid choice: 'int8'")
+
+
+# -- every optimizer ----------------------------------------------------------------------------
+FAMILY = [
+    ("adam", ["--amsgrad", "--weight-decay", "0.01"]),
+    ("adamw", ["--betas", "0.8", "0.99"]),
+    ("rmsprop", ["--centered", "--momentum", "0.5"]),
+    ("lars", ["--momentum", "0.9", "--weight-decay", "1e-4", "--clip-norm", "1"]),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name,flags", FAMILY, ids=[f[0] for f in FAMILY])
+def test_dump_every_stage_of_every_optimizer(capsys, tmp_path, name, flags, dtype):
+    stages = ["ir", "llvm", "llvm-opt", "asm"]
+    if not CUDA_MISSING:
+        stages += ["cuda", "ptx"]
+    for stage in stages:
+        code, out, err = run(capsys, "dump", "--optimizer", name, *flags, "--dtype", dtype,
+                             "--stage", stage)
+        assert code == 0, err
+        if stage == "ir":
+            assert out.startswith(f"rule {name}")
+        elif stage in ("llvm", "llvm-opt"):
+            llvm.parse_assembly(out).verify()
+        elif stage == "ptx":
+            assert ".entry" in out
+        else:
+            assert out.strip()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--optimizer", "sgd", "--betas", "0.9", "0.99"],
+    ["--optimizer", "adam", "--momentum", "0.9"],
+    ["--optimizer", "rmsprop", "--nesterov"],
+    ["--optimizer", "lars", "--eps", "1e-8"],
+])
+def test_a_flag_the_optimizer_does_not_take_is_refused(capsys, argv):
+    code, out, err = run(capsys, "dump", *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "does not apply to" in err and "Traceback" not in err
+
+
+def test_an_optimizers_own_check_reaches_the_user(capsys):
+    code, _, err = run(capsys, "dump", "--optimizer", "adam", "--betas", "1.5", "0.9")
+    assert code == 2 and "1.5" in err and "Traceback" not in err
+
+
+def test_bytes_per_element_counts_every_pass():
+    from stepjit.optim import rule_for
+
+    def moved(rule, reread):
+        return sum(s.dtype.itemsize * (1 + s.written + (s.name in reread)) for s in rule.slots)
+
+    adam = rule_for("adam", "float32")
+    assert bench._bytes_per_element(adam) == moved(adam, ()) == 28
+    clip = rule_for("sgd", "float32", momentum=0.9, clip_norm=1.0)
+    assert bench._bytes_per_element(clip) == moved(clip, {"grad"})  # the reduce pass reads grad
+    lars = rule_for("lars", "float32", momentum=0.9, weight_decay=1e-4)
+    assert bench._bytes_per_element(lars) == moved(lars, {"param", "grad"})  # both norms
+
+
+def test_bench_adam_quick_json(capsys, tmp_path):
+    path = tmp_path / "adam.json"
+    code, out, err = run(capsys, "bench", "--quick", "--quiet", "--configs", "adam",
+                         "--sizes", "64K", "--json", str(path))
+    assert code == 0, err
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["config"] == "adam" and row["bytes_per_element"] == 28
+    assert all(v > 0 for v in row["step_ms"].values())
+    assert row["step_ms"]["numpy"] > 0 and "probe" in row["step_ms"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import optim
 from .ir import DType, Op, Slot, UpdateRule, tensor
+from .optim.adam import adam_rule
 from .optim.sgd import sgd_rule
 from .parameter import Parameter
 from .runtime import cache as kcache
@@ -40,7 +41,14 @@ CONFIGS: dict[str, dict] = {
     "momentum": dict(lr=0.01, momentum=0.9, weight_decay=1e-4),
     "nesterov": dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True),
     "clip": dict(lr=0.01, momentum=0.9, weight_decay=1e-4, clip_norm=1.0),
+    "adam": dict(optimizer="adam", lr=1e-3),
 }
+
+
+def _optimizer(cfg: dict) -> tuple[str, dict]:
+    """(optimizer name, its keyword arguments) of a configuration."""
+    kw = dict(cfg)
+    return kw.pop("optimizer", "sgd"), kw
 
 
 def resnet50_like(width: float = 0.745) -> list[tuple[int, ...]]:
@@ -137,14 +145,27 @@ def _make(shapes, dtype, seed=0) -> list[Parameter]:
     return params
 
 
+def _loads(roots: list, into_sums: bool) -> set[str]:
+    """The slots an expression reads, optionally not looking inside reductions."""
+    seen, todo, slots = set(), list(roots), set()
+    while todo:
+        n = todo.pop()
+        if id(n) in seen or (n.op is Op.SUM and not into_sums):
+            continue
+        seen.add(id(n))
+        if n.op is Op.TENSOR:
+            slots.add(n.arg)
+        todo.extend(n.src)
+    return slots
+
+
 def _bytes_per_element(rule: UpdateRule) -> int:
-    """Bytes moved per element by one step: each slot read once per pass, written once."""
-    total = 0
-    loads = [n.arg for n in rule.nodes if n.op is Op.TENSOR]
-    for s in rule.slots:
-        passes = loads.count(s.name) and (1 + (bool(rule.reductions) and s.name == "grad"))
-        total += s.dtype.itemsize * (passes + s.written)
-    return total
+    """Bytes moved per element by one step: a slot is read once by each pass that loads it (the
+    reduce pass, when the rule has reductions, and the update pass) and written once."""
+    update = _loads([e for _, e in rule.outputs], into_sums=False)
+    reduce = _loads([r.src[0] for r in rule.reductions], into_sums=True)
+    return sum(s.dtype.itemsize * ((s.name in update) + (s.name in reduce) + s.written)
+               for s in rule.slots)
 
 
 def _probe_rule(rule: UpdateRule) -> UpdateRule:
@@ -155,8 +176,40 @@ def _probe_rule(rule: UpdateRule) -> UpdateRule:
     return UpdateRule("probe", slots, outs)
 
 
+def _numpy_adam(params, cfg) -> Callable[[], None]:
+    """Adam with numpy in-place ufuncs, as torch.optim.Adam computes it."""
+    lr, eps = cfg["lr"], cfg.get("eps", 1e-8)
+    b1, b2 = cfg.get("betas", (0.9, 0.999))
+    state = [(np.zeros_like(p.data), np.zeros_like(p.data), np.empty_like(p.data))
+             for p in params]
+    count = [0]
+
+    def step() -> None:
+        count[0] += 1
+        bc1, bc2 = 1 - b1 ** count[0], 1 - b2 ** count[0]
+        for p, (m, v, t) in zip(params, state):
+            m *= b1
+            np.multiply(p.grad, 1 - b1, out=t)
+            m += t
+            v *= b2
+            np.multiply(p.grad, p.grad, out=t)
+            t *= 1 - b2
+            v += t
+            np.sqrt(v, out=t)
+            t /= bc2**0.5
+            t += eps
+            np.divide(m, t, out=t)
+            t *= lr / bc1
+            p.data -= t
+
+    return step
+
+
 def _numpy_step(params, cfg) -> Callable[[], None]:
     """The same update as stepjit with numpy in-place ufuncs (float32 temporaries)."""
+    name, cfg = _optimizer(cfg)
+    if name == "adam":
+        return _numpy_adam(params, cfg)
     lr, mu = cfg.get("lr"), cfg.get("momentum", 0.0)
     wd, nesterov, clip = cfg.get("weight_decay", 0.0), cfg.get("nesterov", False), cfg.get(
         "clip_norm", 0.0)
@@ -199,11 +252,14 @@ def _torch_step(params, cfg) -> Callable[[], None] | None:
         t = torch.from_numpy(p.data.copy()).requires_grad_(True)
         t.grad = torch.from_numpy(p.grad.copy())
         tensors.append(t)
-    kw = {k: v for k, v in cfg.items() if k in ("lr", "momentum", "weight_decay", "nesterov")}
+    name, cfg = _optimizer(cfg)
     if cfg.get("clip_norm"):
-        return None  # torch's SGD has no per-tensor clipping
+        return None  # torch's optimizers have no per-tensor clipping
     try:
-        opt = torch.optim.SGD(tensors, fused=True, **kw)
+        if name == "adam":
+            opt = torch.optim.Adam(tensors, fused=True, **cfg)
+        else:
+            opt = torch.optim.SGD(tensors, fused=True, **cfg)
         opt.step()
     except (RuntimeError, TypeError):
         return None
@@ -213,12 +269,13 @@ def _torch_step(params, cfg) -> Callable[[], None] | None:
 def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> Row:
     """Measure one configuration over tensors of `shapes` (see the module docstring)."""
     cfg = CONFIGS[config]
+    name, kwargs = _optimizer(cfg)
     params = _make(shapes, dtype)
     elements = sum(p.size for p in params)
     inner = max(1, min(50, int(2e7 // max(elements, 1))))
 
-    def first_step(seed: int) -> tuple[float, optim.SGD]:
-        opt = optim.SGD(_make(shapes, dtype, seed=seed) if seed else params, **cfg)
+    def first_step(seed: int) -> tuple[float, optim.Optimizer]:
+        opt = optim.OPTIMIZERS[name](_make(shapes, dtype, seed=seed) if seed else params, **kwargs)
         t0 = time.perf_counter()
         opt.step()
         return 1e3 * (time.perf_counter() - t0), opt
@@ -240,7 +297,11 @@ def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> 
             rule = opt._plans[("step", 0)].batches[0].rule
             bpe = _bytes_per_element(rule)
             backend = select.select_backend("llvm", {"cpu"})
-            probe_tensors = [(p.data, p.grad, *opt.state.get(p, {}).values()) for p in params]
+            probe_tensors = [
+                tuple({"param": p.data, "grad": p.grad, **opt.state.get(p, {})}[s.name]
+                      for s in rule.slots)
+                for p in params
+            ]
             probe = backend.bind(
                 backend.compile(_probe_rule(rule)), probe_tensors, np.zeros((len(params), 0))
             )
@@ -265,14 +326,15 @@ def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> 
                disk_ms, first, step_ms, gbps, break_even)
 
 
-def _trace_ms(opt: optim.SGD, dtype) -> float:
+def _trace_ms(opt: optim.Optimizer, dtype) -> float:
     """Milliseconds to build the group's update rule from its structure (the memo bypassed)."""
     structure = opt.structure(opt.param_groups[0])
     dt = DType.from_numpy(dtype)
+    build = {optim.SGD: sgd_rule, optim.Adam: adam_rule}[type(opt)].__wrapped__
     samples = []
     for _ in range(5):
         t0 = time.perf_counter()
-        sgd_rule.__wrapped__(*structure, dt, dt)
+        build(*structure, dt, dt)
         samples.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(samples)
 

@@ -37,7 +37,15 @@ SUFFIX = {
     "ptx": ".ptx",
 }
 DEFAULT_ARCH = "sm_75"
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "lars")
+# dump flags that are optimizer hyperparameters: flag -> keyword argument
+HYPERPARAMETER_FLAGS = {
+    "--lr": "lr", "--momentum": "momentum", "--dampening": "dampening",
+    "--weight-decay": "weight_decay", "--nesterov": "nesterov", "--scale": "scale",
+    "--clip-norm": "clip_norm", "--betas": "betas", "--eps": "eps", "--amsgrad": "amsgrad",
+    "--decoupled-weight-decay": "decoupled_weight_decay", "--alpha": "alpha",
+    "--centered": "centered", "--trust-coef": "trust_coef",
+}
 
 
 class UsageError(Exception):
@@ -82,31 +90,28 @@ def _positive_int(text: str) -> int:
 
 
 # -- stepjit dump ---------------------------------------------------------------------------------
-def _optimizer_class(name: str) -> type:
-    """The optimizer class named by --optimizer (imported only when needed)."""
-    from .optim import SGD
-
-    return {"sgd": SGD}[name]
-
-
 def configured_rule(args: argparse.Namespace) -> UpdateRule:
     """The update rule of the configuration given by the dump flags (checked as the optimizer
-    checks it: a bad value raises ValueError or TypeError with the optimizer's message)."""
-    import numpy as np
+    checks it: a bad value raises ValueError or TypeError with the optimizer's message).
 
-    from .ir import DType
-    from .parameter import Parameter
+    Only the flags given are passed, so each optimizer keeps its own defaults; a flag the chosen
+    optimizer does not take is a UsageError."""
+    import inspect
 
-    cls = _optimizer_class(args.optimizer)
-    hyper = {
-        "lr": args.lr, "momentum": args.momentum, "dampening": args.dampening,
-        "weight_decay": args.weight_decay, "nesterov": args.nesterov, "scale": args.scale,
-        "clip_norm": args.clip_norm,
-    }
-    # The reference backend: building the optimizer only checks the flags, it compiles nothing.
-    opt = cls([Parameter(np.zeros(1, np.float32))], backend="reference", **hyper)
-    structure = opt.structure(opt.param_groups[0])
-    return opt.rule(structure, DType(args.dtype), DType(args.grad_dtype or args.dtype))
+    from .optim import OPTIMIZERS as CLASSES
+    from .optim import rule_for
+
+    accepted = inspect.signature(CLASSES[args.optimizer].__init__).parameters
+    hyper = {}
+    for flag, name in HYPERPARAMETER_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise UsageError(f"{flag} does not apply to {args.optimizer}")
+        hyper[name] = tuple(value) if name == "betas" else value
+    # built on the reference backend: checking the flags compiles nothing
+    return rule_for(args.optimizer, args.dtype, grad_dtype=args.grad_dtype, **hyper)
 
 
 def _import_cuda(module: str, what: str) -> ModuleType:
@@ -316,17 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dump.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                       help="the optimizer (default: sgd)")
-    dump.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
-    dump.add_argument("--momentum", type=float, default=0.0, help="momentum factor (default: 0)")
-    dump.add_argument("--dampening", type=float, default=0.0, help="dampening (default: 0)")
-    dump.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
-                      help="weight decay (default: 0)")
-    dump.add_argument("--nesterov", action="store_true",
-                      help="Nesterov momentum (needs --momentum > 0 and dampening 0)")
-    dump.add_argument("--scale", type=float, default=1.0,
-                      help="factor applied to every gradient first (default: 1)")
-    dump.add_argument("--clip-norm", type=float, default=0.0, metavar="NORM",
-                      help="clip each gradient tensor to this L2 norm when > 0 (default: 0)")
+    hyper = dump.add_argument_group(
+        "hyperparameters", "Each defaults to the optimizer's own default; a flag the chosen "
+        "optimizer does not take is an error.")
+    hyper.add_argument("--lr", type=float, help="learning rate (all)")
+    hyper.add_argument("--weight-decay", type=float, metavar="WD", help="weight decay (all)")
+    hyper.add_argument("--scale", type=float, help="factor applied to every gradient first (all)")
+    hyper.add_argument("--clip-norm", type=float, metavar="NORM",
+                       help="clip each gradient tensor to this L2 norm when > 0 (all)")
+    hyper.add_argument("--momentum", type=float, help="momentum factor (sgd, rmsprop, lars)")
+    hyper.add_argument("--dampening", type=float, help="dampening (sgd)")
+    hyper.add_argument("--nesterov", action="store_const", const=True,
+                       help="Nesterov momentum (sgd; needs --momentum > 0 and dampening 0)")
+    hyper.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+                       help="Adam's moment decay rates (adam, adamw)")
+    hyper.add_argument("--eps", type=float, help="denominator term (adam, adamw, rmsprop)")
+    hyper.add_argument("--amsgrad", action="store_const", const=True,
+                       help="AMSGrad: the maximum of the second moments (adam, adamw)")
+    hyper.add_argument("--decoupled-weight-decay", action="store_const", const=True,
+                       help="AdamW-style decay (adam)")
+    hyper.add_argument("--alpha", type=float, help="smoothing constant (rmsprop)")
+    hyper.add_argument("--centered", action="store_const", const=True,
+                       help="centered RMSprop (rmsprop)")
+    hyper.add_argument("--trust-coef", type=float, help="LARS trust coefficient (lars)")
     dump.add_argument("--dtype", choices=DTYPES, default="float32",
                       help="parameter dtype (default: float32)")
     dump.add_argument("--grad-dtype", choices=DTYPES, default=None,
@@ -354,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each configuration and size: the cold compile split into its phases "
         "(trace, lower, parse, optimize, machine code, load), the load from the disk cache, the "
         "first step() cold / from disk / from memory, the median step time beside numpy's "
-        "in-place step, torch.optim.SGD(fused=True) (when torch is installed) and a streaming "
-        "probe moving the same bytes, GB/s, and the number of steps after which compiling has "
-        "paid off. Competitors run interleaved in the same process. Nothing touches your "
+        "in-place step, torch's fused optimizer (SGD or Adam, when torch is installed) and a "
+        "streaming probe moving the same bytes, GB/s, and the number of steps after which "
+        "compiling has paid off. Competitors run interleaved in the same process. Nothing touches your "
         "kernel cache.",
         epilog=f"Configurations (float32): {configs}. Sizes: 16M = one tensor of 16M elements, "
         "resnet50 = 147 tensors shaped like ResNet-50's (12.5M elements), 200x1000 = 200 tensors "
