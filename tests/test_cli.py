@@ -448,3 +448,14 @@ def test_bench_adam_quick_json(capsys, tmp_path):
     assert row["config"] == "adam" and row["bytes_per_element"] == 28
     assert all(v > 0 for v in row["step_ms"].values())
     assert row["step_ms"]["numpy"] > 0 and "probe" in row["step_ms"]
+
+
+@pytest.mark.parametrize("name,flags", [("sgd", {}), ("sgd", {"momentum": 0.9, "clip_norm": 1.0}),
+                                        ("adam", {}), ("lars", {"momentum": 0.9})])
+def test_the_probe_moves_the_same_bytes_as_the_rule(name, flags):
+    from stepjit.optim import rule_for
+
+    rule = rule_for(name, "float32", **flags)
+    probe = bench._probe_rule(rule)
+    assert bench._bytes_per_element(probe) == bench._bytes_per_element(rule)
+    assert bool(probe.reductions) == bool(rule.reductions)

@@ -169,10 +169,22 @@ def _bytes_per_element(rule: UpdateRule) -> int:
 
 
 def _probe_rule(rule: UpdateRule) -> UpdateRule:
-    """Moves exactly the bytes `rule` moves, with no arithmetic: the bandwidth yardstick."""
+    """Moves exactly the bytes `rule` moves, with no arithmetic: the bandwidth yardstick.
+
+    Each written slot gets itself plus the gradient; when the rule has a reduce pass, the probe
+    has one too, reading the same slots (its sum, times zero, joins every output)."""
     slots = [Slot(s.name, s.dtype, s.written) for s in rule.slots]
     src = tensor("grad", rule.slot("grad").dtype)
-    outs = {s.name: (tensor(s.name, s.dtype) + src.cast(s.dtype)) for s in slots if s.written}
+    reread = sorted(_loads([r.src[0] for r in rule.reductions], into_sums=True))
+    total = None
+    for name in reread:
+        term = tensor(name, rule.slot(name).dtype).cast(DType.F64).sum()
+        total = term if total is None else total + term
+    outs = {}
+    for s in slots:
+        if s.written:
+            out = tensor(s.name, s.dtype) + src.cast(s.dtype)
+            outs[s.name] = out if total is None else out + (total * 0.0).cast(s.dtype)
     return UpdateRule("probe", slots, outs)
 
 
