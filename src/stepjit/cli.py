@@ -373,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         "first step() cold / from disk / from memory, the median step time beside numpy's "
         "in-place step, torch's fused optimizer (SGD or Adam, when torch is installed) and a "
         "streaming probe moving the same bytes, GB/s, and the number of steps after which "
-        "compiling has paid off. Competitors run interleaved in the same process. Nothing touches your "
-        "kernel cache.",
+        "compiling has paid off. Competitors run interleaved in the same process. Nothing "
+        "touches your kernel cache.",
         epilog=f"Configurations (float32): {configs}. Sizes: 16M = one tensor of 16M elements, "
         "resnet50 = 147 tensors shaped like ResNet-50's (12.5M elements), 200x1000 = 200 tensors "
         f"of 1000 elements; default: {default_sizes}; --quick: {quick_sizes}. --json writes "

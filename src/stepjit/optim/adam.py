@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from ..ir import DType, Expr, Slot, UpdateRule, maximum, per_tensor, scalar, sqrt, tensor, where
-from .optimizer import Optimizer, check_number
+from .optimizer import Optimizer, check_number, check_scale_and_clip
 from .sgd import l2_norm
 
 F64 = DType.F64
@@ -185,10 +185,7 @@ class Adam(Optimizer):
         check_betas(group["betas"])
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
-        check_number("scale", group["scale"], strict=True)
-        check_number("clip_norm", group["clip_norm"])
-        check_number("lr_mult", group["lr_mult"])
-        check_number("decay_mult", group["decay_mult"])
+        check_scale_and_clip(group)
         check_flag("amsgrad", group["amsgrad"])
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_not_maximizing(group)

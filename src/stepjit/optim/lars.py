@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from ..ir import DType, Slot, UpdateRule, per_tensor, scalar, tensor, where
-from .optimizer import Optimizer, check_number, required
+from .optimizer import Optimizer, check_number, check_scale_and_clip, required
 from .sgd import l2_norm
 
 F64 = DType.F64
@@ -127,10 +127,7 @@ class LARS(Optimizer):
         check_number("momentum", group["momentum"])
         check_number("trust_coef", group["trust_coef"])
         check_number("weight_decay", group["weight_decay"])
-        check_number("scale", group["scale"], strict=True)
-        check_number("clip_norm", group["clip_norm"])
-        check_number("lr_mult", group["lr_mult"])
-        check_number("decay_mult", group["decay_mult"])
+        check_scale_and_clip(group)
 
     def structure(self, group: dict) -> tuple:
         return (

@@ -301,6 +301,9 @@ class Optimizer:
 
     def _check_group(self, index: int, group: dict) -> None:
         try:
+            # the per-group multipliers are the base class's: every optimizer has them
+            check_number("lr_mult", group["lr_mult"])
+            check_number("decay_mult", group["decay_mult"])
             self.check_group(group)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
@@ -541,6 +544,13 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
         if maximum is not None:
             bound = f"in [{minimum:g}, {maximum:g}]"
         raise ValueError(f"Invalid {name}: {value} (must be {bound})")
+
+
+def check_scale_and_clip(group: dict) -> None:
+    """Dragon's gradient `scale` (> 0) and per-tensor `clip_norm` (>= 0), which every built-in
+    optimizer takes."""
+    check_number("scale", group["scale"], strict=True)
+    check_number("clip_norm", group["clip_norm"])
 
 
 # -- rules the base class runs itself -----------------------------------------------------------

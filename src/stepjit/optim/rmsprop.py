@@ -6,7 +6,7 @@ import functools
 
 from ..ir import DType, Slot, UpdateRule, scalar, sqrt, tensor
 from .adam import check_flag, check_not_maximizing, lerp, scale_and_clip
-from .optimizer import Optimizer, check_number
+from .optimizer import Optimizer, check_number, check_scale_and_clip
 
 F64 = DType.F64
 
@@ -135,10 +135,7 @@ class RMSprop(Optimizer):
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
         check_number("momentum", group["momentum"])
-        check_number("scale", group["scale"], strict=True)
-        check_number("clip_norm", group["clip_norm"])
-        check_number("lr_mult", group["lr_mult"])
-        check_number("decay_mult", group["decay_mult"])
+        check_scale_and_clip(group)
         check_flag("centered", group["centered"])
         check_not_maximizing(group)
 

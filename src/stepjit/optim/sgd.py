@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, scalar, tensor, where
-from .optimizer import Optimizer, check_number, required
+from .optimizer import Optimizer, check_number, check_scale_and_clip, required
 
 F64 = DType.F64
 
@@ -116,10 +116,7 @@ class SGD(Optimizer):
         check_number("momentum", group["momentum"])
         check_number("dampening", group["dampening"], maximum=1.0)
         check_number("weight_decay", group["weight_decay"])
-        check_number("scale", group["scale"], strict=True)
-        check_number("clip_norm", group["clip_norm"])
-        check_number("lr_mult", group["lr_mult"])
-        check_number("decay_mult", group["decay_mult"])
+        check_scale_and_clip(group)
         if not isinstance(group["nesterov"], bool):
             raise TypeError(f"Invalid nesterov: {group['nesterov']!r} (must be a bool)")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
