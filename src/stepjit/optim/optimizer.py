@@ -345,6 +345,8 @@ class Optimizer:
                 if col is not None:
                     pt[:, col] = first
                 launch = self._backend.bind(kernel, tensors, pt)
+                if self._has_torch:  # the token's address check stands in for the references
+                    launch.forget("grad")
                 batch = _Batch(rule, params, launch, col)
                 if kind == "step" and self.counts_steps:
                     batch.steps = self._step_counts(params)
@@ -440,8 +442,6 @@ class Optimizer:
                     if name in names:
                         pt[:, names.index(name)] = values
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
-            if self._has_torch:
-                b.launch.forget("grad")
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
                 b.launch.per_tensor[:, b.first_column] = 0.0
