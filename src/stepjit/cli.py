@@ -234,11 +234,18 @@ def is_cache_entry(path: Path) -> bool:
         return False
     if path.suffix in (".cubin", ".ptx"):
         return path.parent.name == "cuda"
+    # without following a link or waiting on a FIFO put there since the checks above
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        with open(path, "rb") as f:
-            return f.read(len(_MAGIC)) == _MAGIC
+        fd = os.open(path, flags)
     except OSError:
         return False
+    try:
+        return os.read(fd, len(_MAGIC)) == _MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def cache_entries(root: Path) -> dict[str, list[Path]]:
@@ -252,6 +259,21 @@ def cache_entries(root: Path) -> dict[str, list[Path]]:
         if files:
             found[sub.name] = files
     return found
+
+
+def cache_temporaries(root: Path) -> list[Path]:
+    """Files in the backend subdirectories of the cache directory `root` that a write left
+    behind when its process was killed (see `stepjit.runtime.cache.is_temporary`)."""
+    from .runtime.cache import is_temporary
+
+    if not root.is_dir():
+        return []
+    return [
+        path
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+        for path in sorted(sub.iterdir())
+        if is_temporary(path) and not path.is_symlink() and path.is_file()
+    ]
 
 
 def _human(n: int) -> str:
@@ -269,6 +291,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     root = default_cache_dir()
     entries = cache_entries(root)
+    temporaries = cache_temporaries(root)
     if args.action == "info":
         print(f"location  {root}{'' if root.is_dir() else '  (does not exist yet)'}")
         total_n = total_bytes = 0
@@ -276,6 +299,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
             size = sum(p.stat().st_size for p in files)
             total_n, total_bytes = total_n + len(files), total_bytes + size
             print(f"{backend:<9} {len(files)} entries, {_human(size)}")
+        if temporaries:
+            size = sum(p.stat().st_size for p in temporaries)
+            print(f"{'leftover':<9} {len(temporaries)} temporary files, {_human(size)} (left by "
+                  "interrupted writes; clear removes them)")
         print(f"{'total':<9} {total_n} entries, {_human(total_bytes)}")
         return 0
     removed = 0
@@ -283,7 +310,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for path in files:
             path.unlink(missing_ok=True)
             removed += 1
-    print(f"removed {removed} entries from {root}")
+    for path in temporaries:
+        path.unlink(missing_ok=True)
+    also = f" and {len(temporaries)} temporary files" if temporaries else ""
+    print(f"removed {removed} entries{also} from {root}")
     return 0
 
 
@@ -404,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cache", help="show or clear the on-disk kernel cache",
         description="The compiled kernels kept on disk between runs (STEPJIT_CACHE_DIR, else the "
         "user's cache directory). info: location, entries and size per backend; clear: remove "
-        "every entry (kernels are recompiled when next needed).",
+        "every entry (kernels are recompiled when next needed) and any temporary file an "
+        "interrupted write left behind.",
     )
     cache.add_argument("action", choices=("info", "clear"), help="info or clear")
     cache.set_defaults(func=cmd_cache)

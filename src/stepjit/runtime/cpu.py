@@ -14,9 +14,9 @@ import ctypes
 import hashlib
 import logging
 import os
-import struct
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,6 +154,7 @@ class LLVMBackend(Backend):
         self._lock = threading.Lock()
         self._kernels: dict[str, CPUKernel] = {}
         self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_target_machine())
+        _BACKENDS.add(self)
         self._disk = kcache.DiskCache("llvm", ".o")
         self._fingerprint = _fingerprint()
 
@@ -179,19 +180,24 @@ class LLVMBackend(Backend):
         timings = Timings()
         t0 = time.perf_counter()
         obj = self._disk.get(key)
+        if obj is not None and not self._safe(obj, rule, quiet=True):
+            obj = None  # a miss: compiled again below, and the entry overwritten
         timings.disk = time.perf_counter() - t0
         source = "disk"
-        if obj is None or not self._safe(obj, rule, quiet=True):
+        if obj is None:
             source = "compiled"
             obj = self._compile_object(rule, timings)
-            self._safe(obj, rule, quiet=False)
-            self._disk.put(key, obj)
+            if self._safe(obj, rule, quiet=False):
+                self._disk.put(key, obj)
         t0 = time.perf_counter()
         self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         update_name, reduce_name = codegen.kernel_names(rule)
-        update = KERNEL_CFUNC(self._engine.get_function_address(update_name))
-        reduce = (KERNEL_CFUNC(self._engine.get_function_address(reduce_name))
-                  if reduce_name else None)
+        addresses = [self._engine.get_function_address(n) for n in (update_name, reduce_name) if n]
+        if not all(addresses):
+            raise CompileError(f"kernel {rule.name}: its object code does not define "
+                               f"{update_name} and {reduce_name or 'no reduce kernel'}")
+        update = KERNEL_CFUNC(addresses[0])
+        reduce = KERNEL_CFUNC(addresses[1]) if reduce_name else None
         timings.load = time.perf_counter() - t0
         seconds = timings.total()
         if source == "disk":
@@ -229,14 +235,41 @@ class LLVMBackend(Backend):
         return obj
 
     def _safe(self, obj: bytes, rule: UpdateRule, quiet: bool) -> bool:
-        """Refuse object code that calls a symbol the JIT cannot resolve (it would crash)."""
-        missing = [s for s in undefined_symbols(obj) if not llvm.address_of_symbol(s)]
-        if missing and not quiet:
-            raise CompileError(
-                f"kernel {rule.name} needs symbols this process does not provide: "
-                f"{', '.join(missing)} (is the target missing a CPU feature such as F16C?)"
-            )
-        return not missing
+        """Whether the JIT may load `obj` and the disk cache may keep it: an object file of this
+        host whose structure checks out (`check_object`), that defines exactly the rule's kernels
+        and needs no symbol this process lacks (the JIT would crash on either).
+
+        quiet: `obj` was read from the disk cache; any problem returns False (a miss). Otherwise
+        `obj` is new from LLVM: an unresolvable symbol raises CompileError, and False only means
+        that it is not stored on disk (its structure is not one the checks accept).
+        """
+        origin = "cached" if quiet else "new"
+        try:
+            missing = [name for name in undefined_symbols(obj) if not llvm.address_of_symbol(name)]
+            if missing and not quiet:
+                raise CompileError(
+                    f"kernel {rule.name} needs symbols this process does not provide: "
+                    f"{', '.join(missing)} (is the target missing a CPU feature such as F16C?)"
+                )
+            elf = check_object(obj)
+        except kcache.MalformedEntry as exc:
+            log.debug("%s object code of %s refused: %s", origin, rule.name, exc)
+            return False
+        exported = {s.name: s for s in elf.symbols if s.defined and s.bind != kcache.STB_LOCAL}
+        wanted = {name for name in codegen.kernel_names(rule) if name}
+        not_code = [s.name for s in exported.values() if s.type != kcache.STT_FUNC or not s.size
+                    or s.section >= len(elf.sections)
+                    or not elf.sections[s.section].flags & kcache.SHF_EXECINSTR]
+        if missing:
+            problem = f"needs {', '.join(missing)}"
+        elif exported.keys() != wanted:
+            problem = f"defines {sorted(exported)}, not {sorted(wanted)}"
+        elif not_code:
+            problem = f"{', '.join(not_code)} is not a function in a code section"
+        else:
+            return True
+        log.debug("%s object code of %s refused: %s", origin, rule.name, problem)
+        return False
 
     def bind(self, kernel: CPUKernel, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
         return CPULaunch(kernel, tensors, per_tensor)
@@ -269,10 +302,14 @@ class CPULaunch(Launch):
             raise ValueError("per_tensor must be a C-contiguous float64 array")
         self._held = tensors  # the pointers below are only valid while these arrays live
         n = len(tensors)
+        if per_tensor.shape != (n, len(rule.per_tensor)):
+            raise ValueError(f"per_tensor has shape {per_tensor.shape}, expected "
+                             f"{(n, len(rule.per_tensor))}")
         self._ptrs = np.array(
             [[arrays.data_ptr(a) for a in t] for t in tensors], dtype=np.uintp
         ).reshape(n, len(rule.slots))
         numel = np.array([arrays.numel(t[0]) for t in tensors], dtype=np.int64)
+        check_sizes(rule, tensors, numel)
         self._chunks, self._tchunks = chunk_table(numel)
         n_chunks = len(self._chunks)
         self._partials = np.zeros(max(1, n_chunks * len(rule.reductions)))
@@ -289,6 +326,21 @@ class CPULaunch(Launch):
         if self.kernel.reduce is not None:
             _run_parts(self.kernel.reduce, self._args, self.parts)
         _run_parts(self.kernel.update, self._args, self.parts)
+
+
+def check_sizes(rule: UpdateRule, tensors: list[tuple], numel: np.ndarray) -> None:
+    """Raise ValueError unless every array of every tensor spans exactly the bytes the kernel
+    will touch: `numel` elements of its slot's dtype. The last line of defence: the optimizer
+    checks shapes, dtypes and layouts first and names the culprit."""
+    itemsize = np.array([s.dtype.itemsize for s in rule.slots], np.int64)
+    nbytes = np.array([[arrays.numel(a) * arrays.itemsize(a) for a in t] for t in tensors],
+                      np.int64).reshape(len(tensors), len(rule.slots))
+    bad = np.argwhere(nbytes != numel[:, None] * itemsize[None, :])
+    if len(bad):
+        i, k = bad[0]
+        raise ValueError(f"{rule.name}: tensor {i}, slot {rule.slots[k].name}: "
+                         f"{nbytes[i, k]} bytes where the kernel expects "
+                         f"{numel[i] * itemsize[k]}")
 
 
 def chunk_table(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +371,14 @@ def num_threads() -> int:
     """STEPJIT_NUM_THREADS, else every core this process may run on."""
     env = os.environ.get("STEPJIT_NUM_THREADS")
     if env:
-        return max(1, int(env))
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"STEPJIT_NUM_THREADS={env!r}: expected a positive integer "
+                             "(the number of threads a step may use)")
+        return n
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -331,33 +390,94 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, num_threads() - 1), thread_name_prefix="stepjit")
 
 
+def _after_fork_in_child() -> None:
+    # A forked child inherits the pool's bookkeeping but none of its threads: work submitted to
+    # it would wait forever. The child starts a pool of its own when it first needs one.
+    _pool.cache_clear()
+    num_threads.cache_clear()  # the child may run on other cores
+    for backend in _BACKENDS:  # another thread may have been compiling: its lock is stale
+        backend._lock = threading.Lock()
+
+
+_BACKENDS: weakref.WeakSet = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _run_parts(fn, args: tuple, parts: list[tuple[int, int]]) -> None:
     if len(parts) == 1:
         fn(*args, *parts[0])
         return
     futures = [_pool().submit(fn, *args, lo, hi) for lo, hi in parts[1:]]
-    fn(*args, *parts[0])
-    for f in futures:
-        f.result()
+    try:
+        fn(*args, *parts[0])
+    finally:  # whatever happens here, no worker is still writing when this returns or raises
+        for f in futures:
+            f.result()
 
 
 # -- object files ------------------------------------------------------------------------------
+# The relocation types of the large code model, which JIT objects use, and the bytes each patches:
+# absolute addresses, and on AArch64 calls (given a stub when out of reach). Other types could
+# overflow their field, which LLVM builds with assertions abort on; an object that has them is
+# compiled again rather than cached on disk.
+_X86_64_RELOCATIONS = {1: 8}  # R_X86_64_64
+_AARCH64_RELOCATIONS = {
+    257: 8,  # R_AARCH64_ABS64
+    **dict.fromkeys((264, 266, 268, 269), 4),  # R_AARCH64_MOVW_UABS_G0_NC, G1_NC, G2_NC, G3
+    **dict.fromkeys((282, 283), 4),  # R_AARCH64_JUMP26, R_AARCH64_CALL26
+}
+_EM_X86_64, _EM_AARCH64 = 62, 183
+_SHF_X86_64_LARGE = 0x10000000  # sections of the large code model (.ltext)
+_NOT_ELF = ("apple", "darwin", "macos", "ios", "windows", "win32", "aix")
+
+
+@cache
+def object_rules() -> kcache.ElfRules | None:
+    """What object code for this host must look like to be loaded from the disk cache: an ELF
+    relocatable file for this machine with only the sections, symbols and relocations LLVM emits
+    for kernels. None where objects are not ELF or the machine is not x86-64 or AArch64: there
+    object code is not checked, so it is never stored on disk."""
+    triple = host_target().triple
+    arch = triple.partition("-")[0]
+    if any(name in triple for name in _NOT_ELF):
+        return None
+    if arch == "x86_64":
+        machine, relocations, extra_flags = _EM_X86_64, _X86_64_RELOCATIONS, _SHF_X86_64_LARGE
+    elif arch in ("aarch64", "arm64"):
+        machine, relocations, extra_flags = _EM_AARCH64, _AARCH64_RELOCATIONS, 0
+    else:
+        return None
+    return kcache.ElfRules(
+        file_type=kcache.ET_REL,
+        machine=machine,
+        section_types=frozenset({kcache.SHT_NULL, kcache.SHT_PROGBITS, kcache.SHT_SYMTAB,
+                                 kcache.SHT_STRTAB, kcache.SHT_RELA, kcache.SHT_NOBITS}),
+        section_flags=(kcache.SHF_WRITE | kcache.SHF_ALLOC | kcache.SHF_EXECINSTR
+                       | kcache.SHF_MERGE | kcache.SHF_STRINGS | kcache.SHF_INFO_LINK
+                       | extra_flags),
+        forbidden_sections=frozenset({".eh_frame"}),  # RuntimeDyld would register its contents
+        relocation_sizes=relocations,
+        symbol_types=frozenset({kcache.STT_NOTYPE, kcache.STT_OBJECT, kcache.STT_FUNC,
+                                kcache.STT_SECTION, kcache.STT_FILE}),
+        symbol_binds=frozenset({kcache.STB_LOCAL, kcache.STB_GLOBAL}),
+        absolute_types=frozenset({kcache.STT_FILE}),
+    )
+
+
+def check_object(obj: bytes) -> kcache.ElfFile:
+    """`obj` parsed, if it is object code the JIT can be given for this host (see `object_rules`
+    and `stepjit.runtime.cache.read_elf`); raises `MalformedEntry` saying why not otherwise."""
+    rules = object_rules()
+    if rules is None:
+        raise kcache.MalformedEntry(f"object code for {host_target().triple} is not checked")
+    return kcache.read_elf(obj, rules)
+
+
 def undefined_symbols(obj: bytes) -> list[str]:
-    """Names an ELF64 object file needs from elsewhere ([] for other formats: not checked)."""
-    if obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
-        return []
-    shoff, = struct.unpack_from("<Q", obj, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
-    names = []
-    for sh in sections:
-        if sh[1] != 2:  # SHT_SYMTAB
-            continue
-        _, _, _, _, off, size, link, _, _, entsize = sh
-        strtab_off = sections[link][4]
-        for k in range(size // entsize):
-            name_off, info, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", obj, off + k * entsize)
-            if shndx == 0 and name_off:  # SHN_UNDEF, named
-                end = obj.index(b"\0", strtab_off + name_off)
-                names.append(obj[strtab_off + name_off : end].decode())
-    return names
+    """Names an ELF64 object file needs from elsewhere. Only its ELF structure is checked
+    (`MalformedEntry` otherwise, for other formats too); `check_object` checks the rest."""
+    structure = kcache.ElfRules(file_type=kcache.ET_REL, machine=None)
+    return [s.name for s in kcache.read_elf(obj, structure).symbols[1:] if not s.defined]

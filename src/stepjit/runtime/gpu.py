@@ -24,6 +24,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import threading
 import time
@@ -181,18 +182,67 @@ def cache_key(source: str, arch: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def load_or_compile(source: str, arch: str) -> tuple[bytes, bool]:
+_EM_CUDA = 190
+_ELFOSABI_CUDA = frozenset({0x33, 0x41})
+_CUBIN_RULES = cache.ElfRules(file_type=cache.ET_EXEC, machine=_EM_CUDA, osabi=_ELFOSABI_CUDA,
+                              locals_first=False, aligned=False, program_headers=True)
+
+
+def check_image(image: bytes, arch: str, entry_points: Sequence[str] = ()) -> None:
+    """Raise `MalformedEntry` unless `image` is what `load_or_compile` returns for `arch` and may
+    be given to the driver: for 'sm_XX' a cubin for that architecture whose ELF structure checks
+    out (`stepjit.runtime.cache.read_elf`), for 'compute_XX' NUL-terminated ASCII PTX targeting
+    it; either defining the kernels `entry_points`. The code inside is not checked."""
+    arch = _arch(arch)
+    number = int(arch.rpartition("_")[2])
+    if arch.startswith("sm_"):
+        # The driver is given no length: it reads what the headers say, and CPython keeps a NUL
+        # after every bytes object. CuPy's getCUBIN drops a cubin's last byte (a zero), so a fresh
+        # cubin relies on that NUL: check what the driver reads.
+        elf = cache.read_elf(image + b"\0", _CUBIN_RULES)
+        # e_flags holds the architecture in bits 8-15 (CUDA's ELF ABI 8) or 0-7 (earlier ABIs)
+        if number not in (elf.flags & 0xFF, (elf.flags >> 8) & 0xFF):
+            raise cache.MalformedEntry(f"a cubin for another architecture (flags {elf.flags:#x})")
+        kernels = {s.name for s in elf.symbols
+                   if s.defined and s.type == cache.STT_FUNC and s.bind != cache.STB_LOCAL}
+        missing = [name for name in entry_points if name not in kernels]
+    else:
+        if not image.endswith(b"\0") or b"\0" in image[:-1] or not image[:-1].isascii():
+            raise cache.MalformedEntry("PTX that is not ASCII text ending in one NUL")
+        text = image[:-1].decode("ascii")
+        if not (re.search(r"^\s*\.version\s+\d+\.\d+\s*$", text, re.M)
+                and re.search(rf"^\s*\.target\s+sm_{number}\b", text, re.M)
+                and re.search(r"^\s*\.address_size\s+64\s*$", text, re.M)):
+            raise cache.MalformedEntry(f"PTX without .version, .target sm_{number} and "
+                                       ".address_size 64")
+        missing = [name for name in entry_points
+                   if not re.search(rf"\.entry\s+{re.escape(name)}\s*\(", text)]
+    if missing:
+        raise cache.MalformedEntry(f"no kernel {', '.join(missing)}")
+
+
+def load_or_compile(source: str, arch: str, entry_points: Sequence[str] = ()) -> tuple[bytes, bool]:
     """The loadable image of `source` for `arch`: a cubin for 'sm_XX', NUL-terminated PTX for
-    'compute_XX'; and whether it came from the disk cache."""
+    'compute_XX'; and whether it came from the disk cache. A cached image that `check_image`
+    refuses (defining `entry_points` included) is a miss: compiled again and overwritten."""
     arch = _arch(arch)
     store = _IMAGES[".cubin" if arch.startswith("sm_") else ".ptx"]
     key = cache_key(source, arch)
     image = store.get(key)
-    if image:
-        return image, True
+    if image is not None:
+        try:
+            check_image(image, arch, entry_points)
+            return image, True
+        except cache.MalformedEntry as exc:
+            cache.log.debug("cached CUDA image %s refused: %s; recompiling", key, exc)
     out = nvrtc_compile(source, arch)
     image = out.cubin if out.cubin is not None else out.ptx.encode() + b"\0"
-    store.put(key, image)
+    try:
+        check_image(image, arch, entry_points)
+    except cache.MalformedEntry as exc:  # loaded all the same: it comes from NVRTC
+        cache.log.debug("new CUDA image %s not stored on disk: %s", key, exc)
+    else:
+        store.put(key, image)
     return image, False
 
 
@@ -319,12 +369,13 @@ class CUDABackend(Backend):
             source = codegen.render(rule)
             if dump_dir := os.environ.get("STEPJIT_DUMP_DIR"):
                 _dump(Path(dump_dir), rule, source, self.arch)
-            image, from_disk = load_or_compile(source, self.arch)
+            info = codegen.describe(rule)
+            entry_points = [info.update, *([info.partial_sums] if info.partial_sums else [])]
+            image, from_disk = load_or_compile(source, self.arch, entry_points)
             cp = _cupy()
             with cp.cuda.Device(self.device):
                 module = cp.cuda.function.Module()
                 module.load(image)
-                info = codegen.describe(rule)
                 kernel = CUDAKernel(
                     rule=rule, info=info, source=source, arch=self.arch, device=self.device,
                     module=module, update=module.get_function(info.update),
