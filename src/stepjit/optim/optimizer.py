@@ -32,6 +32,7 @@ from ..parameter import Parameter
 from ..runtime import arrays
 from ..runtime.backend import Backend, Launch
 from ..runtime.select import select_backend
+from .exclusive import Exclusive
 
 
 class _Required:
@@ -62,6 +63,21 @@ class _Plan:
     token: tuple
     batches: list[_Batch] = field(default_factory=list)
     params: frozenset = frozenset()
+    spans: list[tuple] = field(default_factory=list)  # the memory it touches: see check_disjoint
+
+
+@dataclass
+class _Draft:
+    """A batch checked and ready to bind, with the state it would add (stored on commit)."""
+
+    rule: UpdateRule
+    params: list
+    per_tensor: np.ndarray
+    first_column: int | None
+    tensors: list[tuple] = field(default_factory=list)
+    spans: list[tuple] = field(default_factory=list)
+    new_state: list[tuple] = field(default_factory=list)  # (param, slot name, buffer)
+    new_accum: list[tuple] = field(default_factory=list)  # (param, buffer)
 
 
 class Optimizer:
@@ -93,6 +109,8 @@ class Optimizer:
         self._rules: dict[tuple, UpdateRule] = {}
         self._requested_backend = backend
         self._has_torch = False
+        self._members = {p for g in param_groups for p in g["params"]}
+        self._exclusive = Exclusive(type(self).__name__)
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None):
@@ -112,6 +130,7 @@ class Optimizer:
         """Point at new containers (after torch's load_state_dict replaced them)."""
         if param_groups is not self.param_groups or state is not self.state:
             self.param_groups, self.state = param_groups, state
+            self._members = {p for g in param_groups for p in g["params"]}
             self._state_gen += 1
 
     # -- the subclass interface ------------------------------------------------------------------
@@ -161,8 +180,7 @@ class Optimizer:
             raise ValueError(f"param group {index} has no parameters")
         for i, p in enumerate(params):
             _check_param(f"param group {index}, parameter {i}", p)
-        seen = {p for g in self.param_groups for p in g["params"]}
-        if len(set(params)) != len(params) or seen.intersection(params):
+        if len(set(params)) != len(params) or not self._members.isdisjoint(params):
             raise ValueError(f"param group {index}: a parameter appears in more than one group")
         for name, default in self.defaults.items():
             if default is required and name not in group:
@@ -176,34 +194,45 @@ class Optimizer:
         self._check_group(index, group)
         if hasattr(self, "_backend"):
             # the backend is chosen once for all params: a new group must live on the same device
-            devices = {arrays.device(_array(p)) for p in params} | self._devices()
+            devices = {arrays.device(_array(p)) for p in params} | {self._device}
             select_backend(self._requested_backend, devices)
         self.param_groups.append(group)
+        self._members.update(params)
         self._has_torch = self._has_torch or any(map(arrays.is_torch, params))
         self._state_gen += 1
 
     def step(self) -> None:
-        """Update every parameter that has a gradient (or a pending accumulation)."""
-        pending = self._pending
-        plans = self._plans_for("step", pending)
-        for group, plan in zip(self.param_groups, plans):
-            self._run(plan, self.scalars(group), group)
-        if pending:
-            self._pending = frozenset()
-            for plan in self._plans.values():  # the next accumulation copies instead of adding
-                if plan.kind == "accumulate":
-                    for b in plan.batches:
-                        b.launch.per_tensor[:, b.first_column] = 1.0
+        """Update every parameter that has a gradient (or a pending accumulation).
+
+        A step is atomic from Python's point of view: it raises before anything is written, or
+        it completes with all its bookkeeping (a Ctrl-C that arrives meanwhile is raised once
+        the step is done). One optimizer is stepped by one thread at a time.
+        """
+        with self._exclusive:
+            pending = self._pending
+            for index, group in enumerate(self.param_groups):
+                self._check_group(index, group)
+            scalars = [self.scalars(group) for group in self.param_groups]
+            plans = self._plans_for("step", pending, scalars)
+            for group, plan, values in zip(self.param_groups, plans, scalars):
+                self._run(plan, values, group)
+            if pending:
+                self._pending = frozenset()
+                for plan in self._plans.values():  # the next accumulation copies, not adds
+                    if plan.kind == "accumulate":
+                        for b in plan.batches:
+                            b.launch.set_per_tensor("first", 1.0)
 
     def accumulate_grad(self) -> None:
         """Add every gradient into its parameter's accumulation buffer (copy on the first call)."""
-        pending = self._pending
-        plans = self._plans_for("accumulate", pending)
-        for plan in plans:
-            self._run(plan, {})
-        added = pending.union(*(plan.params for plan in plans))
-        if added != pending:
-            self._pending = added
+        with self._exclusive:
+            pending = self._pending
+            plans = self._plans_for("accumulate", pending)
+            for plan in plans:
+                self._run(plan, {})
+            added = pending.union(*(plan.params for plan in plans))
+            if added != pending:
+                self._pending = added
 
     def zero_grad(self, reset: bool = False) -> None:
         """Zero every `.grad` in place, or set it to None (`reset=True`) to release its memory.
@@ -215,8 +244,9 @@ class Optimizer:
                 for p in group["params"]:
                     p.grad = None
             return
-        for plan in self._plans_for("zero", frozenset()):
-            self._run(plan, {})
+        with self._exclusive:
+            for plan in self._plans_for("zero", frozenset()):
+                self._run(plan, {})
 
     def state_dict(self) -> dict:
         """State and hyperparameters in the torch.optim layout (buffers are copied)."""
@@ -235,8 +265,8 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load `state_dict()` output; everything is checked before anything changes."""
-        groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not isinstance(saved_state, dict):
             raise ValueError("state_dict needs 'state' (dict) and 'param_groups' (list)")
         if len(groups) != len(self.param_groups):
@@ -245,41 +275,33 @@ class Optimizer:
             )
         by_index: dict[int, Parameter] = {}
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"state_dict: param group {gi} needs a 'params' list")
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
                     f"the optimizer {len(mine['params'])}"
                 )
             by_index.update(zip(saved["params"], mine["params"]))
-        new_state: dict[Parameter, dict] = {}
+        new_state = {}
         for idx, buffers in saved_state.items():
             p = by_index.get(idx)
             if p is None:
                 raise ValueError(f"state_dict has state for unknown parameter index {idx!r}")
-            new_state[p] = {}
-            data = _array(p)
-            for name, buf in buffers.items():
-                if name == "step":
-                    new_state[p][name] = np.array(float(buf))
-                    continue
-                buf = np.asarray(buf) if not arrays.is_array(buf) else buf
-                if tuple(buf.shape) != tuple(data.shape):
-                    raise ValueError(
-                        f"state_dict: {name} of parameter {idx} has shape {tuple(buf.shape)}, "
-                        f"the parameter {tuple(data.shape)}"
-                    )
-                new_buf = arrays.zeros(data, tuple(data.shape), arrays.dtype(data).compute)
-                arrays.assign(new_buf, buf)
-                new_state[p][name] = new_buf
+            if not isinstance(buffers, dict):
+                raise ValueError(f"state_dict: state of parameter {idx} must be a dict")
+            new_state[p] = {name: _loaded_buffer(idx, name, buf, _array(p))
+                            for name, buf in buffers.items()}
         new_groups = []
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             group = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
             group["params"] = mine["params"]
             self._check_group(gi, group)
             new_groups.append(group)
-        self.param_groups[:] = new_groups
-        self.state = new_state
-        self._state_gen += 1
+        with self._exclusive:
+            self.param_groups[:] = new_groups
+            self.state = new_state
+            self._state_gen += 1
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (backend={self.backend!r})"]
@@ -308,16 +330,19 @@ class Optimizer:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
 
-    def _plans_for(self, kind: str, pending: frozenset) -> list[_Plan]:
-        """The launches for `kind` ('step', 'accumulate', 'zero') of every group.
+    def _plans_for(self, kind: str, pending: frozenset,
+                   scalars: list[dict] | None = None) -> list[_Plan]:
+        """The launches for `kind` ('step', 'accumulate', 'zero') of every group (`scalars`:
+        each group's kernel arguments, checked against the types the kernels compute in).
 
-        Every group is checked before any state is created, so a failure changes nothing.
+        Tables are rebuilt in three phases, so that a failure anywhere changes nothing: every
+        tensor and state buffer of every group is checked and missing state is allocated aside;
+        the memory of all groups is checked for aliasing and every launch is bound; only then
+        are the new state buffers, step counts and plans stored.
         """
         ready: list[_Plan | None] = []
         todo = []
         for index, group in enumerate(self.param_groups):
-            if kind == "step":
-                self._check_group(index, group)
             structure = self.structure(group) if kind == "step" else None
             token = (
                 _parameter.generation(),
@@ -334,34 +359,53 @@ class Optimizer:
                 ready.append(plan)
             else:
                 ready.append(None)
-                todo.append((index, token, structure, self._collect(kind, index, group, pending)))
-        for index, token, structure, work in todo:
+                todo.append((index, token, structure))
+        drafts = {
+            index: self._draft(kind, index, structure, pending)
+            for index, _, structure in todo
+        }
+        for index, values in enumerate(scalars or ()):
+            rules = [d.rule for d in drafts[index]] if index in drafts else [
+                b.rule for b in ready[index].batches]
+            _check_scalars(index, rules, values)
+        if not todo:
+            return ready
+        if kind != "zero":  # zero_grad writes zeros: overlapping gradients are harmless there
+            spans = [s for plan in ready if plan is not None for s in plan.spans]
+            spans += [s for batch_drafts in drafts.values() for d in batch_drafts for s in d.spans]
+            check_disjoint(spans)
+        built = {}
+        for index, token, _ in todo:
             plan = _Plan(kind, token)
-            for rule, params, tensors, first in self._bind_inputs(kind, structure, work, pending):
-                kernel = self._backend.compile(rule)
-                pt = np.zeros((len(params), len(rule.per_tensor)), np.float64)
-                names = rule.per_tensor_names
-                col = names.index("first") if "first" in names else None
-                if col is not None:
-                    pt[:, col] = first
-                launch = self._backend.bind(kernel, tensors, pt)
+            for d in drafts[index]:
+                launch = self._backend.bind(self._backend.compile(d.rule), d.tensors, d.per_tensor)
                 if self._has_torch:  # the token's address check stands in for the references
                     launch.forget("grad")
-                batch = _Batch(rule, params, launch, col)
-                if kind == "step" and self.counts_steps:
-                    batch.steps = self._step_counts(params)
-                plan.batches.append(batch)
+                plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column))
+                plan.spans.extend(d.spans)
             plan.params = frozenset(p for b in plan.batches for p in b.params)
+            built[index] = plan
+        # commit: nothing below can fail on bad input
+        for index, plan in built.items():
+            for d in drafts[index]:
+                for p, name, buf in d.new_state:
+                    self.state.setdefault(p, {})[name] = buf
+                for p, buf in d.new_accum:
+                    self._accum[p] = buf
+            if kind == "step" and self.counts_steps:
+                for b in plan.batches:
+                    b.steps = self._step_counts(b.params)
             self._plans[(kind, index)] = ready[index] = plan
         return ready
 
-    def _collect(self, kind, index, group, pending):
-        """[(param, gradient array)] per dtype combination, every tensor checked."""
+    def _draft(self, kind: str, index: int, structure, pending: frozenset) -> list[_Draft]:
+        """Check one group's tensors and state and say what its launches need, changing nothing."""
+        group = self.param_groups[index]
         by_dtypes: dict[tuple[DType, DType], list] = {}
-        spans = []
         for i, p in enumerate(group["params"]):
             where_ = f"param group {index}, parameter {i}"
-            grad = self._accum[p] if (kind == "step" and p in pending) else p.grad
+            accumulated = kind == "step" and p in pending
+            grad = self._accum[p] if accumulated else p.grad
             if grad is None:
                 continue
             data = _array(p)
@@ -370,60 +414,73 @@ class Optimizer:
                                  f"optimizer runs on {self._device} (backend {self.backend!r})")
             if kind == "zero":
                 pd = gd = _check_gradient(where_, grad)
-                span = arrays.byte_span(data)
+                spans = ()
             else:
-                pd, gd, span = _check_tensor_pair(where_, data, grad)
-            by_dtypes.setdefault((pd, gd), []).append((p, grad))
-            spans.append((*span, where_))
-        spans.sort()
-        spans = [s for s in spans if s[1] > s[0]]
-        for (_, a1, wa), (b0, _, wb) in zip(spans, spans[1:]):
-            if b0 < a1:
-                raise ValueError(f"{wa} and {wb} overlap in memory; each must own its data")
-        return by_dtypes
-
-    def _bind_inputs(self, kind, structure, work, pending):
-        """Create missing state, then yield (rule, params, tensors, first flags) per batch."""
-        for (pd, gd), items in work.items():
-            params = [p for p, _ in items]
+                what = "accumulated gradient" if accumulated else "gradient"
+                pd, gd, spans = _check_tensor_pair(where_, data, grad, what)
+            by_dtypes.setdefault((pd, gd), []).append((where_, p, data, grad, spans))
+        drafts = []
+        for (pd, gd), items in by_dtypes.items():
             if kind == "zero":
-                yield _zero_rule(gd), params, [(g,) for _, g in items], 0.0
-                continue
-            if kind == "accumulate":
+                rule = _zero_rule(gd)
+            elif kind == "accumulate":
                 rule = _accumulate_rule(pd.compute, gd)
-                first = np.array([p not in pending for p in params], np.float64)
-                for p in params:
-                    if p not in self._accum:
-                        data = _array(p)
-                        self._accum[p] = arrays.zeros(data, tuple(data.shape), pd.compute)
-                yield rule, params, [(g, self._accum[p]) for p, g in items], first
-                continue
-            key = (structure, pd, gd)
-            rule = self._rules.get(key)
-            if rule is None:  # trace once per structure: rebuilds of the table reuse it
-                rule = self._rules[key] = self.rule(structure, pd, gd)
-            state_slots = [s.name for s in rule.slots if s.name not in ("param", "grad")]
-            first = np.zeros(len(params))
-            for j, p in enumerate(params):
-                if not state_slots:
-                    break
-                st = self.state.setdefault(p, {})
-                data = _array(p)
-                for name in state_slots:
-                    want = rule.slot(name).dtype
-                    buf = st.get(name)
+            else:
+                rule = self._rules.get((structure, pd, gd))
+                if rule is None:  # trace once per structure: rebuilds of the table reuse it
+                    rule = self._rules[(structure, pd, gd)] = self.rule(structure, pd, gd)
+            drafts.append(self._draft_batch(kind, rule, items, pending))
+        return drafts
+
+    def _draft_batch(self, kind: str, rule: UpdateRule, items: list, pending: frozenset):
+        """The tensors of one launch, state checked against its parameter, new state aside."""
+        names = rule.per_tensor_names
+        col = names.index("first") if "first" in names else None
+        pt = np.zeros((len(items), len(rule.per_tensor)), np.float64)
+        d = _Draft(rule, [item[1] for item in items], pt, col)
+        for j, (where_, p, data, grad, spans) in enumerate(items):
+            found = {"param": data, "grad": grad}
+            if kind == "accumulate":
+                buf = self._accum.get(p)
+                want = rule.slot("accum").dtype
+                if p in pending:  # a sum in progress: it must fit the parameter
+                    buf, new = _state_array(where_, "accumulated gradient", buf, data, want)
+                else:  # scratch: reuse it when it fits, else start a new one
+                    pt[j, col] = 1.0
+                    new = buf is None or not _fits(buf, data, want)
+                    if new:
+                        buf = arrays.zeros(data, tuple(data.shape), want)
+                if new:
+                    d.new_accum.append((p, buf))
+                found["accum"] = buf
+            elif kind == "step":
+                st = self.state.get(p, {})
+                for slot in rule.slots[2:]:  # the state buffers
+                    buf = st.get(slot.name)
                     if buf is None:
-                        st[name] = arrays.zeros(data, tuple(data.shape), want)
-                        first[j] = 1.0
-                    elif arrays.dtype(buf) is not want or arrays.device(buf) != arrays.device(data):
-                        # a loaded buffer in another dtype (torch stores half state as half)
-                        st[name] = arrays.zeros(data, tuple(data.shape), want)
-                        arrays.assign(st[name], buf)
-            tensors = []
-            for p, g in items:
-                by_slot = {"param": _array(p), "grad": g, **self.state.get(p, {})}
-                tensors.append(tuple(by_slot[s.name] for s in rule.slots))
-            yield rule, params, tensors, first
+                        buf = arrays.zeros(data, tuple(data.shape), slot.dtype)
+                        d.new_state.append((p, slot.name, buf))
+                        if col is not None:
+                            pt[j, col] = 1.0
+                    else:
+                        # a loaded buffer may be in another dtype (torch keeps half state as
+                        # half) or layout: a copy of it that fits is stored instead
+                        buf, new = _state_array(where_, f"state {slot.name!r}", buf, data,
+                                                slot.dtype)
+                        if new:
+                            d.new_state.append((p, slot.name, buf))
+                    found[slot.name] = buf
+            arrays_ = tuple(found[s.name] for s in rule.slots)
+            d.tensors.append(arrays_)
+            if kind == "zero":
+                continue
+            # where_ and the slot name are formatted only when two spans clash
+            for (start, end), slot in zip(spans, rule.slots):
+                d.spans.append((start, end, slot.written, where_, slot.name))
+            for slot, a in zip(rule.slots[2:], arrays_[2:]):
+                start, end = arrays.byte_span(a)
+                d.spans.append((start, end, slot.written, where_, slot.name))
+        return d
 
     def _step_counts(self, params: list) -> np.ndarray:
         """One array of step counts for a batch; each state["step"] becomes a 0-d view into it,
@@ -435,16 +492,69 @@ class Optimizer:
 
     def _run(self, plan: _Plan, scalars: dict[str, float], group: dict | None = None) -> None:
         for b in plan.batches:
+            steps = None
             if b.steps is not None:
-                b.steps += 1
-                pt, names = b.launch.per_tensor, b.rule.per_tensor_names
-                for name, values in self.tensor_values(group, b.steps).items():
-                    if name in names:
-                        pt[:, names.index(name)] = values
+                steps = b.steps + 1
+                for name, values in self.tensor_values(group, steps).items():
+                    b.launch.set_per_tensor(name, values)
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
+            if steps is not None:
+                b.steps[:] = steps  # in place: each state["step"] is a view into it
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
-                b.launch.per_tensor[:, b.first_column] = 0.0
+                b.launch.set_per_tensor("first", 0.0)
+
+
+def _loaded_buffer(idx, name: str, buf, data):
+    """A private copy of state buffer `name` of parameter `idx` from a state dict, in the
+    parameter's compute type, or ValueError naming what does not fit."""
+    where_ = f"state_dict: {name} of parameter {idx}"
+    if name == "step":
+        try:
+            return np.array(float(buf))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where_} must be a number, got {buf!r}") from None
+    host = buf if arrays.is_array(buf) else np.asarray(buf)
+    if arrays.dtype(host) is None and getattr(host.dtype, "kind", "") not in "iu":
+        raise ValueError(f"{where_} has dtype {host.dtype}; state buffers are real numbers")
+    if tuple(host.shape) != tuple(data.shape):
+        raise ValueError(
+            f"{where_} has shape {tuple(host.shape)}, the parameter {tuple(data.shape)}"
+        )
+    dt = arrays.dtype(data)
+    new_buf = arrays.zeros(data, tuple(data.shape), (dt or DType.F32).compute)
+    arrays.assign(new_buf, host)
+    return new_buf
+
+
+_LIMITS: dict[UpdateRule, tuple] = {}
+
+
+def _limits(rule: UpdateRule) -> tuple:
+    """(name, smallest normal, largest finite) of each scalar computed in a narrow type."""
+    found = _LIMITS.get(rule)
+    if found is None:
+        found = []
+        for name, dt in rule.scalars:
+            if dt.is_float and dt is not DType.F64:
+                info = np.finfo(dt.to_numpy())
+                found.append((name, dt, float(info.smallest_normal), float(info.max)))
+        found = _LIMITS[rule] = tuple(found)
+    return found
+
+
+def _check_scalars(index: int, rules: list[UpdateRule], values: dict[str, float]) -> None:
+    """Raise ValueError for a kernel argument that the type it is computed in cannot hold: one
+    that would become infinite, or so small it would be a denormal or zero."""
+    for rule in rules:
+        for name, dt, low, high in _limits(rule):
+            v = abs(values[name])
+            if v > high or 0 < v < low:
+                raise ValueError(
+                    f"param group {index}: {name} = {values[name]:g} cannot be represented in "
+                    f"{dt}, the type the kernel computes in (magnitudes from {low:.3g} to "
+                    f"{high:.3g}, or 0)"
+                )
 
 
 def _is_tensor_like(x: object) -> bool:
@@ -464,6 +574,8 @@ def _check_param(where_: str, p) -> None:
     if isinstance(p, Parameter):
         return
     if arrays.is_torch(p):
+        if (problem := arrays.adapter(p).unsupported(p)) is not None:
+            raise ValueError(f"{where_}: {problem}")
         if not p.is_leaf:
             raise ValueError(f"{where_}: the torch tensor is not a leaf (it is computed from "
                              "other tensors); optimize the leaf tensors it comes from")
@@ -482,7 +594,10 @@ def _torch_fingerprint(params) -> tuple:
     same address is then as good as the old one: torch keeps a gradient's shape, dtype and device
     equal to its parameter's.
     """
-    return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr()) for p in params])
+    try:
+        return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr()) for p in params])
+    except RuntimeError:  # a gradient without storage (sparse): a rebuild's checks name it
+        return (object(),)
 
 
 def _check_gradient(where_: str, grad) -> DType:
@@ -495,35 +610,113 @@ def _check_gradient(where_: str, grad) -> DType:
     return arrays.dtype(grad)
 
 
-def _check_tensor_pair(where_: str, data, grad) -> tuple[DType, DType, tuple[int, int]]:
-    """Check a parameter and its gradient for a step: their dtypes and the parameter's bytes."""
+def _check_tensor_pair(where_: str, data, grad, what: str = "gradient") -> tuple:
+    """Check a parameter and its gradient for a step: their dtypes, and the [start, end) of the
+    bytes of each."""
     da, ga = arrays.adapter(data), arrays.adapter(grad)
+    if ga is None:
+        raise TypeError(f"{where_}: {what} is a {arrays.type_name(grad)}, not an array")
+    for name, arr, a in (("parameter", data, da), (what, grad, ga)):
+        if (problem := a.unsupported(arr)) is not None:
+            raise ValueError(f"{where_}: {name}: {problem}")
     pd, gd = da.dtype(data), ga.dtype(grad)
-    for what, arr, dt in (("parameter", data, pd), ("gradient", grad, gd)):
+    for name, arr, dt in (("parameter", data, pd), (what, grad, gd)):
         if dt is None:
-            raise TypeError(f"{where_}: {what} dtype {arr.dtype} is not a floating type "
+            raise TypeError(f"{where_}: {name} dtype {arr.dtype} is not a floating type "
                             "(float16, bfloat16, float32 or float64)")
     if tuple(grad.shape) != tuple(data.shape):
-        raise ValueError(f"{where_}: gradient shape {tuple(grad.shape)} differs from the "
+        raise ValueError(f"{where_}: {what} shape {tuple(grad.shape)} differs from the "
                          f"parameter's {tuple(data.shape)}")
     if ga.device(grad) != da.device(data):
-        raise ValueError(f"{where_}: gradient is on {ga.device(grad)}, the parameter on "
+        raise ValueError(f"{where_}: {what} is on {ga.device(grad)}, the parameter on "
                          f"{da.device(data)}")
     if not da.writeable(data):
         raise ValueError(f"{where_}: parameter is read-only")
     spans = []
-    for what, arr, a in (("parameter", data, da), ("gradient", grad, ga)):
+    for name, arr, a in (("parameter", data, da), (what, grad, ga)):
         if not a.contiguous(arr):
-            raise ValueError(f"{where_}: {what} is not C-contiguous; pass a contiguous array "
+            raise ValueError(f"{where_}: {name} is not C-contiguous; pass a contiguous array "
                              "(numpy.ascontiguousarray)")
         start, size = a.data_ptr(arr), a.itemsize(arr)
         if start % size:
-            raise ValueError(f"{where_}: {what} is not aligned to its element size; "
+            raise ValueError(f"{where_}: {name} is not aligned to its element size; "
                              "copy it (numpy.require(a, requirements='A'))")
         spans.append((start, start + a.numel(arr) * size))
     if arrays.overlap(*spans):
-        raise ValueError(f"{where_}: parameter and gradient share memory")
-    return pd, gd, spans[0]
+        raise ValueError(f"{where_}: parameter and {what} share memory")
+    return pd, gd, spans
+
+
+_SLOT_NAMES = {"param": "parameter", "grad": "gradient", "accum": "accumulated gradient"}
+
+
+def _fits(buf, data, dt: DType) -> bool:
+    """Whether `buf` can be a state buffer of parameter array `data` as it is: same library,
+    device and shape, dtype `dt`, native, writeable, contiguous and aligned."""
+    a = arrays.adapter(buf)
+    return (
+        a is not None
+        and a.dtype(buf) is dt
+        and buf.shape == data.shape
+        and a.name == arrays.adapter(data).name
+        and a.device(buf) == a.device(data)
+        and a.contiguous(buf)
+        and a.writeable(buf)
+        and a.aligned(buf)
+        and a.unsupported(buf) is None
+    )
+
+
+def _state_array(where_: str, what: str, buf, data, dt: DType) -> tuple[object, bool]:
+    """`buf` when it fits parameter array `data` as state of dtype `dt`, else a converted copy
+    (and whether it is one). A buffer of another shape (another parameter's, another model's)
+    or of no known array type is refused: a kernel must never get its pointer."""
+    if _fits(buf, data, dt):
+        return buf, False
+    if not arrays.is_array(buf):
+        raise TypeError(f"{where_}: {what} is a {arrays.type_name(buf)}, not an array")
+    if tuple(buf.shape) != tuple(data.shape):
+        raise ValueError(
+            f"{where_}: {what} has shape {tuple(buf.shape)}, the parameter "
+            f"{tuple(data.shape)} (state of another parameter or model?); load a matching "
+            "state_dict, or delete this parameter's entry in optimizer.state to start it afresh"
+        )
+    problem = arrays.adapter(buf).unsupported(buf)
+    if problem is not None or arrays.dtype(buf) is None:
+        raise ValueError(f"{where_}: {what}: {problem or f'dtype {buf.dtype} is not a float'}")
+    converted = arrays.zeros(data, tuple(data.shape), dt)
+    arrays.assign(converted, buf)
+    return converted, True
+
+
+def check_disjoint(spans: list[tuple]) -> None:
+    """Raise ValueError naming two memory ranges that overlap where at least one is written.
+
+    `spans` holds (start, end, written, where, slot) for every non-empty array of the launches
+    of a step; sorting by start finds a clash in O(n log n) without comparing every pair.
+    """
+    spans = [s for s in spans if s[1] > s[0]]  # empty arrays touch nothing
+    if len(spans) < 2:
+        return
+    table = np.array([s[:3] for s in spans], dtype=np.uint64)
+    order = np.argsort(table[:, 0], kind="stable")
+    start, end, written = table[order, 0], table[order, 1], table[order, 2].astype(bool)
+    zero = np.zeros(1, np.uint64)
+    ended = np.concatenate((zero, np.maximum.accumulate(end)[:-1]))
+    ended_written = np.concatenate((zero, np.maximum.accumulate(end * written)[:-1]))
+    clash = np.where(written, ended > start, ended_written > start)
+    if not clash.any():
+        return
+    i = int(np.argmax(clash))
+    j = next(j for j in range(i) if end[j] > start[i] and (written[i] or written[j]))
+    a, b = spans[order[j]], spans[order[i]]
+    def name(s: tuple) -> str:
+        return s[3] if s[4] == "param" else f"{s[3]} ({_SLOT_NAMES.get(s[4], f'state {s[4]!r}')})"
+
+    raise ValueError(
+        f"{name(a)} and {name(b)} overlap in memory; every array a step writes must be disjoint "
+        "from every other array of the step (all groups): pass separate arrays"
+    )
 
 
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False,
@@ -536,7 +729,11 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
         isinstance(value, bool) or not isinstance(value, numbers.Real)
     ):
         raise TypeError(f"Invalid {name}: {value!r} (must be a real number)")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int or Fraction beyond float range
+        raise ValueError(f"Invalid {name}: a number too large for a float") from None
+    if not finite:
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
     low_ok = value > minimum if strict else value >= minimum
     if not low_ok or (maximum is not None and value > maximum):

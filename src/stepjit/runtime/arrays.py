@@ -57,6 +57,16 @@ class _Numpy:
     def contiguous(self, x) -> bool:
         return x.flags.c_contiguous
 
+    def aligned(self, x) -> bool:
+        return x.flags.aligned
+
+    def unsupported(self, x) -> str | None:
+        """Why stepjit cannot update x in place whatever its shape or dtype, or None."""
+        if not x.dtype.isnative:
+            return (f"non-native byte order ({x.dtype.str}); convert it with "
+                    "a.astype(a.dtype.newbyteorder('='))")
+        return None
+
     def zeros(self, like, shape, dt: DType):
         return np.zeros(shape, dt.to_numpy())
 
@@ -75,6 +85,9 @@ class _Cupy(_Numpy):
 
     def data_ptr(self, x) -> int:
         return x.data.ptr
+
+    def aligned(self, x) -> bool:
+        return x.data.ptr % x.itemsize == 0
 
     def writeable(self, x) -> bool:
         return True
@@ -118,6 +131,20 @@ class _Torch:
 
     def contiguous(self, x) -> bool:
         return x.is_contiguous()
+
+    def aligned(self, x) -> bool:
+        return x.data_ptr() % x.element_size() == 0
+
+    def unsupported(self, x) -> str | None:
+        """Why stepjit cannot update x in place whatever its shape or dtype, or None."""
+        t = _torch()
+        if x.layout != t.strided:
+            return (f"layout {x.layout} is not supported: stepjit updates dense tensors "
+                    "(sparse gradients come from e.g. nn.Embedding(sparse=True): use the default)")
+        if x.device.type not in ("cpu", "cuda"):
+            return (f"tensors on the {x.device.type!r} device are not supported (stepjit "
+                    "updates cpu and cuda tensors)")
+        return None
 
     def zeros(self, like, shape, dt: DType):
         return _torch().zeros(shape, dtype=self.torch_dtypes[dt], device=like.device)
@@ -241,6 +268,8 @@ def copy(x):
 
 def assign(dst, src) -> None:
     """dst[...] = src, converting dtype and library (src may be a list, numpy, cupy or torch)."""
+    if isinstance(src, np.ndarray) and not src.dtype.isnative:
+        src = src.astype(src.dtype.newbyteorder("="))
     if is_torch(dst):
         t = _torch()
         dst.copy_(src if is_torch(src) else t.as_tensor(np.asarray(src)))

@@ -29,6 +29,13 @@ class Launch(abc.ABC):
     def __call__(self, scalars: Sequence[float]) -> None:
         """Run the rule over every bound tensor; `scalars` in `rule.scalar_names` order."""
 
+    def set_per_tensor(self, name: str, values) -> None:
+        """Set per-tensor value `name` for the next calls: one value for every tensor, or one
+        per tensor in binding order. A name the rule does not use is ignored."""
+        names = self.rule.per_tensor_names
+        if name in names:
+            self.per_tensor[:, names.index(name)] = values
+
     def forget(self, slot: str) -> None:
         """Stop holding references to the arrays of `slot` (their pointers stay in the table).
 
