@@ -1,30 +1,55 @@
-"""Every rule the library can generate, for the CUDA codegen, compile and harness tests."""
+"""Every rule the library can generate, for the CUDA codegen, compile and harness tests.
+
+The optimizers' rules come from the registry: every registered optimizer, every structure its
+`examples` reach (`registry.structures`), so that a new optimizer module is compiled and run here
+without an edit to the tests.
+"""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 from stepjit.ir import DType, UpdateRule
-from stepjit.optim.adam import adam_rule
-from stepjit.optim.lars import lars_rule
+from stepjit.optim import OPTIMIZERS, registry, rule_for
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
-from stepjit.optim.rmsprop import rmsprop_rule
-from stepjit.optim.sgd import sgd_rule
 
 FLOATS = (DType.F16, DType.BF16, DType.F32, DType.F64)
+SAME = [(d, d) for d in FLOATS]
+MIXED = [(p, g) for p, g in itertools.product(FLOATS, FLOATS) if p is not g]
+"""(parameter dtype, gradient dtype) pairs."""
 
-# (momentum, nesterov): nesterov needs momentum
-MOMENTUM_MODES = ((False, False), (True, False), (True, True))
+
+@dataclass(frozen=True)
+class Case:
+    """One rule of a registered optimizer, with kernel arguments that configuration passes."""
+
+    optimizer: str
+    config: tuple  # (hyperparameter, value) pairs, from `registry.structures`
+    rule: UpdateRule
+    scalars: tuple  # (scalar name, value) pairs, from `registry.example_scalars`
 
 
-def sgd_rules() -> list[UpdateRule]:
-    """All valid SGD configurations x parameter dtypes x gradient dtypes."""
-    return [
-        sgd_rule(momentum, nesterov, decay, clip, pd, gd)
-        for (momentum, nesterov), decay, clip, pd, gd in itertools.product(
-            MOMENTUM_MODES, (False, True), (False, True), FLOATS, FLOATS
-        )
-    ]
+def optimizer_cases(every_dtype: bool = True) -> list[Case]:
+    """Every structure of every registered optimizer. every_dtype: for every parameter dtype
+    (gradient of the same), and once more with another gradient dtype (the mixed pairs in turn);
+    else once, the 16 dtype pairs in turn. A rule two optimizers share is listed once."""
+    cases: dict[str, Case] = {}
+    turn = itertools.count()
+    for name, cls in OPTIMIZERS.items():
+        for config in registry.structures(cls):
+            scalars = tuple(registry.example_scalars(cls, config).items())
+            i = next(turn)
+            pairs = [*SAME, MIXED[i % len(MIXED)]] if every_dtype else [(SAME + MIXED)[i % 16]]
+            for param, grad in pairs:
+                rule = rule_for(name, str(param), grad_dtype=str(grad), **config)
+                cases.setdefault(rule.key, Case(name, tuple(config.items()), rule, scalars))
+    return list(cases.values())
+
+
+def optimizer_rules() -> list[UpdateRule]:
+    """The rules of `optimizer_cases()`."""
+    return [case.rule for case in optimizer_cases()]
 
 
 def accumulate_rules() -> list[UpdateRule]:
@@ -38,20 +63,6 @@ def zero_rules() -> list[UpdateRule]:
     return [_zero_rule(g) for g in FLOATS]
 
 
-def family_rules() -> list[UpdateRule]:
-    """Adam/AdamW, RMSprop and LARS: every structure x parameter dtype (gradient of the same)."""
-    flags = (False, True)
-    # Adam: weight decay is off, coupled (L2) or decoupled (AdamW): never both
-    decays = ((False, False), (True, False), (False, True))
-    rules = [adam_rule(ams, l2, decoupled, clip, d, d)
-             for ams, (l2, decoupled), clip, d in itertools.product(flags, decays, flags, FLOATS)]
-    rules += [rmsprop_rule(*terms, d, d)
-              for *terms, d in itertools.product(flags, flags, flags, flags, FLOATS)]
-    rules += [lars_rule(*terms, d, d)
-              for *terms, d in itertools.product(flags, flags, flags, FLOATS)]
-    return rules
-
-
 def all_rules() -> list[UpdateRule]:
     """Every kernel the library can generate today."""
-    return sgd_rules() + family_rules() + accumulate_rules() + zero_rules()
+    return optimizer_rules() + accumulate_rules() + zero_rules()

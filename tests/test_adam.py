@@ -130,24 +130,6 @@ def test_bias_corrections_are_not_in_the_rule():
     assert stepjit.optim.rule_for("adamw", "float32", weight_decay=0.0) is a
 
 
-@pytest.mark.parametrize("name", CLASSES)
-def test_second_optimizer_of_the_same_structure_compiles_nothing(backend, name):
-    rng = np.random.default_rng(4)
-    cls = CLASSES[name][0]
-    first = _params(rng)
-    opt = cls(first, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, backend=backend)
-    _new_grads(first, rng)
-    opt.step()
-    stepjit.reset_cache_info()
-    other = _params(rng, shapes=((1001,), (2, 2, 2)))
-    opt2 = cls(other, lr=0.3, betas=(0.5, 0.7), eps=1e-3, weight_decay=0.5, backend=backend)
-    for _ in range(3):
-        _new_grads(other, rng)
-        opt2.step()
-    info = stepjit.cache_info()
-    assert (info.compiles, info.disk_hits) == (0, 0)
-
-
 BAD = [
     ("lr", -0.1, ValueError, "lr"),
     ("lr", float("nan"), ValueError, "lr"),

@@ -171,7 +171,7 @@ def test_without_llvmlite_the_reference_backend_runs_with_one_warning(monkeypatc
     from stepjit.runtime import select
 
     monkeypatch.delenv("STEPJIT_BACKEND", raising=False)
-    monkeypatch.setattr(select, "_llvm_usable", lambda: "ImportError: no llvmlite")
+    monkeypatch.setattr(select, "_usable", lambda name, device: "ImportError: no llvmlite")
     monkeypatch.setattr(cache, "_warned", set())
     p = stepjit.Parameter(np.zeros(3, np.float32))
     with warnings.catch_warnings(record=True) as record:
@@ -556,7 +556,7 @@ def _cuda_source():
     from stepjit.runtime import gpu
 
     info = cuda_codegen.describe(CLIP_RULE)
-    return gpu, cuda_codegen.render(CLIP_RULE), [info.update, info.partial_sums]
+    return gpu, gpu.render(CLIP_RULE), [info.update, info.partial_sums]
 
 
 def _cuda_damage(gpu, source: str, arch: str, name: str) -> bytes:
@@ -567,9 +567,7 @@ def _cuda_damage(gpu, source: str, arch: str, name: str) -> bytes:
     if name == "another architecture":
         return gpu.load_or_compile(source, arch.replace("80", "90"))[0]
     if name == "another kernel":
-        from stepjit.codegen import cuda as cuda_codegen
-
-        return gpu.load_or_compile(cuda_codegen.render(RULE), arch)[0]
+        return gpu.load_or_compile(gpu.render(RULE), arch)[0]
     if name == "section table past the end":
         return image[:0x28] + struct.pack("<Q", len(image)) + image[0x30:]
     if name == "no NUL":

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import numpy as np
 import pytest
 
 import stepjit
-from stepjit import bench, cli
+from stepjit import cli
+from stepjit.cli import bench, dump
 from stepjit.codegen.llvm import kernel_names
 from stepjit.ir import DType
+from stepjit.optim import OPTIMIZERS, registry, required, rule_for
 from stepjit.optim.sgd import sgd_rule
 from stepjit.runtime import select
 
@@ -40,7 +43,7 @@ STRUCTURES = [
         + (["--clip-norm", "1.0"] if clip else [])
     ]
 ]
-CONFIGS = [(flags, structure, dtype) for flags, structure in STRUCTURES for dtype in cli.DTYPES]
+CONFIGS = [(flags, structure, dtype) for flags, structure in STRUCTURES for dtype in dump.DTYPES]
 
 
 def _id(config) -> str:
@@ -76,7 +79,11 @@ BAD = {
     "unknown stage": (["dump", "--stage", "obj"], "obj"),
     "bad arch": (["dump", "--stage", "ptx", "--arch", "volta"], "volta"),
     "bad size": (["bench", "--sizes", "3q"], "3q"),
-    "unknown config": (["bench", "--configs", "adamw"], "adamw"),
+    "unknown config": (["bench", "--configs", "lion"], "lion"),
+    "unknown optimizer": (["dump", "--optimizer", "lion"], "lion"),
+    "optimizer module missing": (["dump", "--optimizer", "no_such_module:Lion"], "no_such_module"),
+    "not an optimizer class": (["dump", "--optimizer", "pathlib:Path"], "Optimizer"),
+    "bench optimizer unknown": (["bench", "--optimizer", "momentum"], "momentum"),
     "zero reps": (["bench", "--reps", "0"], "--reps"),
     "json into a missing directory": (["bench", "--json", "/nonexistent/dir/b.json"], "--json"),
     "cache without action": (["cache"], "action"),
@@ -176,7 +183,7 @@ def test_dump_out_writes_one_file_per_stage_named_by_configuration(capsys, tmp_p
     assert code == 0, err
     rule = rule_of((True, True, False, False), "bfloat16")
     assert rule.name == "sgd_nesterov_bfloat16_bfloat16"
-    expected = {f"{rule.name}{cli.SUFFIX[s]}" for s in cli.LLVM_STAGES}
+    expected = {f"{rule.name}{dump.SUFFIX[s]}" for s in dump.LLVM_STAGES}
     assert {p.name for p in (tmp_path / "k").iterdir()} == expected
     assert sorted(Path(p).name for p in out.split()) == sorted(expected)
     assert (tmp_path / "k" / f"{rule.name}.ir.txt").read_text() == rule.text + "\n"
@@ -190,7 +197,7 @@ def test_dump_all_to_stdout_marks_each_stage(capsys):
     code, out, _ = run(capsys, "dump", "--stage", "all")
     assert code == 0
     assert re.findall(r"^==> (\S+) <==$", out, flags=re.M) == [
-        f"sgd_float32_float32{cli.SUFFIX[s]}" for s in cli.LLVM_STAGES
+        f"sgd_float32_float32{dump.SUFFIX[s]}" for s in dump.LLVM_STAGES
     ]
 
 
@@ -222,7 +229,7 @@ def test_dump_cuda_source_of_every_configuration(capsys, config):
 
 
 @pytest.mark.skipif(CUDA_MISSING, reason=CUDA_REASON)
-@pytest.mark.parametrize("dtype", cli.DTYPES)
+@pytest.mark.parametrize("dtype", dump.DTYPES)
 def test_dump_ptx_compiles_without_a_gpu(capsys, dtype):
     try:
         import stepjit.runtime.gpu  # noqa: F401
@@ -241,8 +248,11 @@ def test_parse_sizes_and_configs():
     assert list(sizes) == ["4M", "3x1K", "resnet50"]
     assert sizes["4M"]() == [(4 << 20,)] and sizes["3x1K"]() == [(1024,)] * 3
     assert len(sizes["resnet50"]()) == 147
-    assert bench.parse_configs("clip,sgd,clip") == ["clip", "sgd"]
-    assert bench.parse_configs("all") == list(bench.CONFIGS)
+    assert list(bench.parse_configs("clip,sgd,clip")) == ["clip", "sgd"]
+    assert bench.parse_configs("all") == bench.CONFIGS
+    # any registered optimizer, at its defaults (a required lr gets a placeholder)
+    assert bench.parse_configs("rmsprop,lars") == {
+        "rmsprop": {"optimizer": "rmsprop"}, "lars": {"optimizer": "lars", "lr": 0.01}}
     for bad in ("0", "2x", "x5", "1T", ""):
         with pytest.raises(ValueError):
             bench.parse_sizes(bad)
@@ -342,8 +352,7 @@ def test_cache_info_and_clear_act_on_the_cache_dir(capsys, tmp_path, monkeypatch
     (cache_dir / "llvm" / f"{'0' * 40}.o").write_bytes(b"not a kernel either")
     cuda = 0
     if not CUDA_MISSING and importlib.util.find_spec("stepjit.runtime.gpu"):
-        from stepjit.codegen.cuda import render
-        from stepjit.runtime.gpu import load_or_compile
+        from stepjit.runtime.gpu import load_or_compile, render
 
         load_or_compile(render(rule_of((False, False, False, False), "float32")), "sm_75")
         cuda = 1
@@ -380,26 +389,33 @@ def test_installed_script_reports_bad_values_in_one_line():
 
 
 # -- every optimizer ----------------------------------------------------------------------------
-FAMILY = [
-    ("adam", ["--amsgrad", "--weight-decay", "0.01"]),
-    ("adamw", ["--betas", "0.8", "0.99"]),
-    ("rmsprop", ["--centered", "--momentum", "0.5"]),
-    ("lars", ["--momentum", "0.9", "--weight-decay", "1e-4", "--clip-norm", "1"]),
-]
+def _flags(config: dict) -> list[str]:
+    """The dump flags that give hyperparameters `config`."""
+    argv: list[str] = []
+    for name, value in config.items():
+        if isinstance(value, bool):
+            argv.append(dump.flag(name) if value else f"--no-{dump.flag(name)[2:]}")
+        else:
+            argv += [dump.flag(name), *map(str, value if isinstance(value, tuple) else [value])]
+    return argv
+
+
+# every registered optimizer, in the last structure its `examples` reach (most terms on)
+FAMILY = [(name, registry.structures(cls)[-1]) for name, cls in OPTIMIZERS.items()]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name,flags", FAMILY, ids=[f[0] for f in FAMILY])
-def test_dump_every_stage_of_every_optimizer(capsys, tmp_path, name, flags, dtype):
+@pytest.mark.parametrize("name,config", FAMILY, ids=[f[0] for f in FAMILY])
+def test_dump_every_stage_of_every_optimizer(capsys, tmp_path, name, config, dtype):
     stages = ["ir", "llvm", "llvm-opt", "asm"]
     if not CUDA_MISSING:
         stages += ["cuda", "ptx"]
     for stage in stages:
-        code, out, err = run(capsys, "dump", "--optimizer", name, *flags, "--dtype", dtype,
-                             "--stage", stage)
+        code, out, err = run(capsys, "dump", "--optimizer", name, *_flags(config), "--dtype",
+                             dtype, "--stage", stage)
         assert code == 0, err
-        if stage == "ir":
-            assert out.startswith(f"rule {name}")
+        if stage == "ir":  # the flags reach the optimizer as its keyword arguments
+            assert out == rule_for(name, dtype, **config).text + "\n"
         elif stage in ("llvm", "llvm-opt"):
             llvm.parse_assembly(out).verify()
         elif stage == "ptx":
@@ -426,8 +442,6 @@ def test_an_optimizers_own_check_reaches_the_user(capsys):
 
 
 def test_bytes_per_element_counts_every_pass():
-    from stepjit.optim import rule_for
-
     def moved(rule, reread):
         return sum(s.dtype.itemsize * (1 + s.written + (s.name in reread)) for s in rule.slots)
 
@@ -453,9 +467,120 @@ def test_bench_adam_quick_json(capsys, tmp_path):
 @pytest.mark.parametrize("name,flags", [("sgd", {}), ("sgd", {"momentum": 0.9, "clip_norm": 1.0}),
                                         ("adam", {}), ("lars", {"momentum": 0.9})])
 def test_the_probe_moves_the_same_bytes_as_the_rule(name, flags):
-    from stepjit.optim import rule_for
-
     rule = rule_for(name, "float32", **flags)
     probe = bench._probe_rule(rule)
     assert bench._bytes_per_element(probe) == bench._bytes_per_element(rule)
     assert bool(probe.reductions) == bool(rule.reductions)
+
+
+# -- the registry: flags, optimizers and configurations come from it ----------------------------
+def test_every_hyperparameter_of_every_registered_optimizer_is_a_dump_flag(capsys):
+    _, out, _ = run(capsys, "dump", "--help")
+    flat = " ".join(out.split())
+    for name, cls in OPTIMIZERS.items():
+        assert name in flat
+        for hyperparameter in registry.hyperparameters(cls):
+            assert dump.flag(hyperparameter) in flat, (name, hyperparameter)
+
+
+def test_flags_are_typed_by_their_defaults():
+    assert dump.flag("weight_decay") == "--weight-decay"
+    assert dump.flag_options("nesterov", False)["action"].__name__ == "BooleanOptionalAction"
+    assert dump.flag_options("betas", (0.9, 0.999)) == {"type": float, "nargs": 2,
+                                                         "metavar": ("B1", "B2")}
+    assert dump.flag_options("lr", required) == dump.flag_options("eps", 1e-8) == {"type": float}
+
+
+def test_a_bool_flag_can_be_turned_off(capsys):
+    _, on, _ = run(capsys, "dump", "--optimizer", "rmsprop", "--centered")
+    _, off, _ = run(capsys, "dump", "--optimizer", "rmsprop", "--centered", "--no-centered")
+    assert on.startswith("rule rmsprop_centered") and off.startswith("rule rmsprop_float32")
+
+
+class _Damped(stepjit.optim.SGD):
+    """A user's optimizer with a hyperparameter no built-in optimizer has."""
+
+    def __init__(self, params, lr=0.1, extra_damping=0.5, *, backend=None):
+        super().__init__(params, lr=lr, momentum=0.9, dampening=extra_damping, backend=backend)
+
+
+@pytest.fixture
+def user_module(monkeypatch):
+    """A module `user_optimizers` holding `Damped`, as a user's package would."""
+    module = type(sys)("user_optimizers")
+    module.Damped = _Damped
+    monkeypatch.setitem(sys.modules, "user_optimizers", module)
+    return "user_optimizers:Damped"
+
+
+def test_a_user_class_brings_its_own_flags(capsys, user_module):
+    code, out, err = run(capsys, "dump", "--optimizer", user_module, "--extra-damping", "0.25")
+    assert code == 0, err
+    assert out.startswith("rule sgd_momentum_float32_float32(")
+    code, _, err = run(capsys, "dump", "--optimizer", user_module, "--extra-damping", "2")
+    assert code == 2 and "Invalid dampening" in err
+    code, _, err = run(capsys, "dump", "--optimizer", user_module, "--nesterov")
+    assert code == 2 and "--nesterov does not apply to user_optimizers:Damped" in err
+    code, _, err = run(capsys, "dump", "--extra-damping", "0.25")  # sgd has no such flag
+    assert code == 2 and err.count("\n") == 1 and "--extra-damping" in err
+    _, help_text, _ = run(capsys, "dump", "--optimizer", user_module, "--help")
+    assert "--extra-damping" in help_text
+
+
+def test_a_newly_registered_optimizer_is_in_dump_and_bench(capsys, monkeypatch, user_module):
+    """Registering a class is all it takes: the command reads the registry when it runs."""
+    monkeypatch.setitem(OPTIMIZERS, "damped", _Damped)
+    _, help_text, _ = run(capsys, "dump", "--help")
+    assert "damped" in help_text and "--extra-damping" in help_text
+    code, out, err = run(capsys, "dump", "--optimizer", "damped", "--extra-damping", "0.1",
+                         "--stage", "llvm")
+    assert code == 0, err
+    llvm.parse_assembly(out).verify()
+    assert bench.parse_configs("damped") == {"damped": {"optimizer": "damped"}}
+
+
+def _readme_lion(directory: Path) -> str:
+    """The README's Lion example, as the module `readme_lion` in `directory`."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## More optimizers, and your own", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert "class Lion(Optimizer)" in code
+    (directory / "readme_lion.py").write_text(code)
+    return "readme_lion:Lion"
+
+
+def test_dump_and_bench_a_user_optimizer_class(tmp_path):
+    """`stepjit dump` and `stepjit bench` run the README's Lion, from a module on PYTHONPATH."""
+    spec = _readme_lion(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    def stepjit_command(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "stepjit", *argv], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    out = stepjit_command("dump", "--optimizer", spec, "--betas", "0.8", "0.9")
+    assert "rule lion_float32_float32(" in out
+    for slot in ("param", "exp_avg"):
+        assert re.search(rf"^\s+{slot} <- %\d+$", out, flags=re.M), slot
+    assert re.search(r"scalars .*\bbeta1\b.*\bbeta2\b", out)
+    out = stepjit_command("bench", "--optimizer", spec, "--sizes", "64K", "--reps", "1",
+                          "--quiet")
+    table = out.split("\n\n")[0]  # then the compile phases, one row each too
+    (row,) = [line for line in table.splitlines() if line.startswith("lion ")]
+    assert re.match(r"lion\s+64K\s+[\d.]+m", row), row
+
+
+def test_a_row_without_numpy_or_torch_shows_dashes():
+    """An optimizer with no numpy or torch counterpart: its row formats, renders and plots."""
+    row = dataclasses.replace(_fake_rows()[0], config="lion",
+                              step_ms={"stepjit": 0.5, "probe": 0.2},
+                              gbps={"stepjit": 25.0, "probe": 60.0}, break_even_steps={})
+    (line,) = [s for s in bench.format_table([row]).splitlines() if s.startswith("lion")]
+    assert line.split()[-3:] == ["-", "-", "-"]  # x numpy, x torch, even@
+    (line,) = [s for s in bench.format_phases([row]).splitlines() if s.startswith("lion")]
+    assert line.split()[-2:] == ["-", "-"]
+    page = _benchmarks_md().render({"rows": [dataclasses.asdict(row)]})
+    assert re.search(r"^\| lion \| 1M \|.*\| - \| - \|$", page, flags=re.M)

@@ -1,9 +1,11 @@
 """Every kernel the library can generate compiles for sm_75, sm_80 and sm_90 (no GPU needed).
 
-Each rule is one NVRTC program. To stay fast on small CI machines, each rule is compiled for
-one architecture (round robin), and a set of rules that together use every template path (both
-kernels, every dtype as parameter, gradient and state, the accumulate and zero rules) is compiled
-for all three. Compilations run in parallel threads (NVRTC releases the GIL).
+"Every kernel": every structure of every registered optimizer (`registry.structures`) in every
+parameter dtype, plus one mixed gradient dtype each, and the accumulate and zero rules (see
+`cuda_rules`). Each rule is one NVRTC program. To stay fast on small CI machines, each rule is
+compiled for one architecture (round robin), and a set of rules that together use every template
+path (both kernels, every dtype as parameter, gradient and state, the accumulate and zero rules)
+is compiled for all three. Compilations run in parallel threads (NVRTC releases the GIL).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cuda_rules import FLOATS, all_rules
 
 from stepjit.codegen import cuda
 from stepjit.ir import DType
+from stepjit.optim import OPTIMIZERS, registry, rule_for
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 from stepjit.optim.sgd import sgd_rule
 
@@ -67,7 +70,7 @@ def compiled():
     def build(job):
         rule, arch = job
         try:
-            return gpu.nvrtc_compile(cuda.render(rule), arch, name=f"{rule.name}.cu")
+            return gpu.nvrtc_compile(gpu.render(rule), arch, name=f"{rule.name}.cu")
         except Exception as exc:  # reported by the test of this job
             return exc
 
@@ -80,7 +83,7 @@ def compiled():
 
 
 def test_plan_covers_every_rule_and_every_arch():
-    keys = {r.key for r in all_rules()}
+    keys = {r.key for r in all_rules() + path_rules()}
     assert {rule.key for rule, _ in PLAN} == keys
     for arch in ARCHS:
         on_arch = {rule.key for rule, a in PLAN if a == arch}
@@ -91,6 +94,15 @@ def test_plan_covers_every_rule_and_every_arch():
             assert any(r.slot("param").dtype is d for r in rules if r.name.startswith("sgd"))
             assert any(r.slot("grad").dtype is d for r in rules)
         assert any(r.reductions for r in rules)
+
+
+def test_every_registered_optimizer_is_in_the_plan():
+    """A new optimizer module reaches this test through the registry, every structure of it."""
+    planned = {rule.key for rule, _ in PLAN}
+    for name, cls in OPTIMIZERS.items():
+        for config in registry.structures(cls):
+            for d in FLOATS:
+                assert rule_for(name, str(d), **config).key in planned, (name, config, d)
 
 
 @pytest.mark.parametrize(("rule", "arch"), PLAN, ids=[f"{r.name}-{a}" for r, a in PLAN])
@@ -119,7 +131,7 @@ def test_flush_to_zero_would_show_in_the_ptx():
     """The check above can fail: with CuPy's default (-ftz=true) the same kernel has .ftz ops."""
     rule = sgd_rule(True, False, True, False, DType.F32, DType.F32)
     nvrtc = gpu._nvrtc()
-    prog = nvrtc.createProgram(cuda.render(rule), "ftz.cu", [], [])
+    prog = nvrtc.createProgram(gpu.render(rule), "ftz.cu", [], [])
     try:
         nvrtc.compileProgram(prog, ["-arch=sm_80", "-ftz=true"])
         text = nvrtc.getPTX(prog)
@@ -130,7 +142,7 @@ def test_flush_to_zero_would_show_in_the_ptx():
 
 
 def test_ptx_helper_and_compile_errors():
-    source = cuda.render(_zero_rule(DType.F32))
+    source = gpu.render(_zero_rule(DType.F32))
     text = gpu.ptx(source, "compute_80")
     assert ".target sm_80" in text and "zero_float32_update" in text
     assert gpu.cubin(source, "sm_75")[:4] == b"\x7fELF"
@@ -142,7 +154,7 @@ def test_ptx_helper_and_compile_errors():
 
 def test_disk_cache_reuses_images(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPJIT_CACHE_DIR", str(tmp_path))
-    source = cuda.render(_zero_rule(DType.F16))
+    source = gpu.render(_zero_rule(DType.F16))
     image, from_disk = gpu.load_or_compile(source, "sm_80")
     assert not from_disk and image[:4] == b"\x7fELF"
     again, from_disk = gpu.load_or_compile(source, "sm_80")
@@ -167,7 +179,7 @@ def test_nvcc_agrees(tmp_path):
     """The generated source is valid for nvcc too, with the same numerics options."""
     rule = sgd_rule(True, True, True, True, DType.BF16, DType.F16)
     path = tmp_path / "k.cu"
-    path.write_text(cuda.render(rule))
+    path.write_text(gpu.render(rule))
     flags = [o for o in gpu.NVRTC_OPTIONS if not o.startswith("-std")]
     subprocess.run(
         ["nvcc", "-cubin", "-arch=sm_80", "-std=c++17", *flags, str(path), "-o",

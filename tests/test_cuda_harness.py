@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cuda_host.harness import HostLibrary, compiler
+from cuda_rules import optimizer_cases
 
 from stepjit.codegen import cuda
 from stepjit.ir import (
@@ -25,10 +26,7 @@ from stepjit.ir import (
     tensor,
     where,
 )
-from stepjit.optim.adam import adam_rule
-from stepjit.optim.lars import lars_rule
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
-from stepjit.optim.rmsprop import rmsprop_rule
 from stepjit.optim.sgd import sgd_rule
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (g++)")
@@ -52,7 +50,8 @@ def ops_rule() -> UpdateRule:
     half_math = (h * h - h / (abs(h) + 1.0)).sqrt()
     new_w = (-w * s + (x64 * x64).sum() / ((w * w).sum() + 1.0) + abs(w).sqrt()
              + w.cast(BF16).cast(F64) + w.cast(F16).cast(F64) + h.cast(BF16).cast(F64)
-             + half_math.cast(F64) + k + (w < 0.0).cast(F64))
+             + half_math.cast(F64) + k + (w < 0.0).cast(F64)
+             + w.tanh() + (-abs(w)).exp() + (abs(w) + 1.0).log())
     return UpdateRule(
         "every_op",
         [Slot("x", F32, True), Slot("h", F16, True), Slot("b", BF16, True), Slot("w", F64, True)],
@@ -70,33 +69,39 @@ def casts_rule() -> UpdateRule:
     )
 
 
-PLAIN = [
+# every structure of every registered optimizer, once, the dtype pairs in turn (`cuda_rules`)
+CASES = optimizer_cases(every_dtype=False)
+# and the rules the tests below use by name
+PINNED = [
     sgd_rule(False, False, False, False, F32, F32),
-    sgd_rule(True, False, True, False, F32, F32),
-    sgd_rule(True, True, True, False, F64, F64),
-    sgd_rule(True, False, False, False, F16, F16),
-    sgd_rule(False, False, True, False, BF16, F32),
-    sgd_rule(True, True, False, False, BF16, F16),
+    sgd_rule(True, False, True, True, F32, F32),
+]
+PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [
     _accumulate_rule(F32, BF16),
     _accumulate_rule(F64, F32),
     _accumulate_rule(F32, F16),
     _zero_rule(F16),
     _zero_rule(BF16),
     _zero_rule(F64),
-    adam_rule(True, True, False, False, F32, F32),
-    adam_rule(False, False, True, False, BF16, BF16),
-    rmsprop_rule(True, True, True, False, F32, F32),
-    rmsprop_rule(False, False, False, False, F16, F16),
 ]
-CLIP = [
-    lars_rule(True, True, False, F32, F32),
-    lars_rule(True, True, True, F16, F16),
-    adam_rule(False, True, False, True, F64, F64),
-    sgd_rule(True, False, True, True, F32, F32),
-    sgd_rule(True, True, True, True, F16, BF16),
-    sgd_rule(False, False, False, True, BF16, BF16),
-    sgd_rule(False, False, True, True, F64, F16),
-]
+
+
+def _smallest_and_largest(cases) -> list[UpdateRule]:
+    """Per optimizer, its rule with the fewest nodes and its rule with the most."""
+    by_optimizer: dict[str, list[UpdateRule]] = {}
+    for c in cases:
+        by_optimizer.setdefault(c.optimizer, []).append(c.rule)
+    picked = {}
+    for rules in by_optimizer.values():
+        rules.sort(key=lambda r: len(r.nodes))
+        picked.update({rules[0].key: rules[0], rules[-1].key: rules[-1]})
+    return list(picked.values())
+
+
+# a rule with a reduction takes two emulated launches over many chunks (about a second): per
+# optimizer, its smallest and its largest such rule run here (test_cuda_compile compiles all)
+CLIP = _smallest_and_largest([c for c in CASES if c.rule.reductions])
+PRODUCTION = list({r.key: r for r in [*PLAIN, *CLIP, *PINNED]}.values())
 SMALL_RULES = [
     sgd_rule(True, False, True, True, F32, F32),
     sgd_rule(False, False, False, True, F32, F32),
@@ -110,7 +115,7 @@ def libs(tmp_path_factory):
     """Both libraries, compiled in parallel: production geometry and a small one."""
     work = tmp_path_factory.mktemp("cuda_host")
     pending = [
-        HostLibrary.start(PLAIN + CLIP + [ops_rule(), casts_rule()], work, "production"),
+        HostLibrary.start(PRODUCTION + [ops_rule(), casts_rule()], work, "production"),
         HostLibrary.start(SMALL_RULES + [ops_rule()], work, "small", **SMALL),
     ]
     production, small = (p.finish() for p in pending)
@@ -118,18 +123,18 @@ def libs(tmp_path_factory):
 
 
 # -- data ------------------------------------------------------------------------------------------
-SCALARS = {"lr": 0.05, "momentum": 0.9, "dampening": 0.25, "weight_decay": 0.01, "scale": 0.5,
-           "clip_norm": 20.0, "a": 0.75, "s": -1.5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-           "alpha": 0.99, "trust_coef": 0.02}
-# per-tensor values the host computes (Adam's bias corrections): positive, differing per tensor
-HOST_VALUES = ("step_size", "bias_correction2_sqrt")
+# kernel arguments: an optimizer rule's come from its configuration (`registry.example_scalars`;
+# the rules above, and every structure in every dtype), a hand-written rule's from OWN_SCALARS
+SCALARS = {c.rule.key: dict(c.scalars) for c in [*optimizer_cases(), *CASES]}
+OWN_SCALARS = {"a": 0.75, "s": -1.5}
+# per-tensor values of the hand-written rules; any other (an optimizer's `tensor_values`: bias
+# corrections, a decayed learning rate) comes from the host: positive, differing per tensor
+FLAGS, OWN_VALUES = ("first", "flag"), ("k",)
 
 
 def scalars_for(rule: UpdateRule) -> dict[str, float]:
-    out = {n: SCALARS[n] for n in rule.scalar_names}
-    if "nesterov" in rule.name:
-        out["dampening"] = 0.0
-    return out
+    known = SCALARS.get(rule.key, OWN_SCALARS)
+    return {n: known[n] for n in rule.scalar_names}
 
 
 def make_tensors(rule, sizes, rng, misaligned=(), specials=()):
@@ -159,10 +164,12 @@ def make_tensors(rule, sizes, rng, misaligned=(), specials=()):
 def first_flags(rule, n):
     pt = np.zeros((n, len(rule.per_tensor)))
     for j, (name, _) in enumerate(rule.per_tensor):
-        if name in HOST_VALUES:
-            pt[:, j] = 0.5 + 0.25 * np.arange(n)
+        if name in FLAGS:
+            pt[:, j] = np.arange(n) % 2 == 0
+        elif name in OWN_VALUES:
+            pt[:, j] = np.arange(n) * 0.5
         else:
-            pt[:, j] = (np.arange(n) % 2 == 0) if name in ("first", "flag") else np.arange(n) * 0.5
+            pt[:, j] = 0.5 + 0.25 * np.arange(n)
     return pt
 
 

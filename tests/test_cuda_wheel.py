@@ -48,7 +48,7 @@ def test_installed_wheel_renders_kernels(wheel, tmp_path):
     site = tmp_path / "site-packages"
     zipfile.ZipFile(wheel).extractall(site)
     script = (
-        "import stepjit.codegen.cuda as c\n"
+        "import stepjit.runtime.gpu as c\n"
         "from stepjit.ir import DType as D\n"
         "from stepjit.optim.sgd import sgd_rule\n"
         "print(c.template_dir())\n"

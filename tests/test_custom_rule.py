@@ -295,8 +295,10 @@ def test_rule_for_every_optimizer(name, dtype):
 
 
 def test_rule_for_checks_its_input():
-    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
-        rule_for("adagrad", "float32")
+    with pytest.raises(ValueError, match="unknown optimizer 'adadelta'"):
+        rule_for("adadelta", "float32")
+    with pytest.raises(ValueError, match="cannot load optimizer 'no_such_module:Lion'"):
+        rule_for("no_such_module:Lion", "float32")
     with pytest.raises(ValueError, match="eps"):
         rule_for("adam", "float32", eps=-1.0)
     with pytest.raises(TypeError):

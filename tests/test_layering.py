@@ -1,5 +1,8 @@
-"""The layering holds: `stepjit.ir` imports nothing else from the package, and `stepjit.codegen`
-(source text from rules) never imports the runtime or the optimizers."""
+"""The layering holds, so that data flows one way: optim -> runtime -> codegen -> ir.
+
+`stepjit.ir` imports nothing else from the package; `stepjit.codegen` (source text from rules)
+imports only `ir` and reads no files (it is given its templates); `stepjit.runtime` never imports
+the optimizers or the package root; no library module imports the command line."""
 
 from __future__ import annotations
 
@@ -69,12 +72,28 @@ def test_ir_imports_nothing_else_from_stepjit(path):
 CODEGEN = _files("codegen")
 
 
-@pytest.mark.skipif(not CODEGEN, reason="no stepjit/codegen modules yet")
 @pytest.mark.parametrize("path", CODEGEN, ids=_rel)
-def test_codegen_never_imports_runtime_or_optim(path):
-    bad = {
-        m for m in _stepjit_imports(path)
-        if m == "stepjit"
-        or any((m + ".").startswith(f"stepjit.{layer}.") for layer in ("runtime", "optim"))
-    }
+def test_codegen_imports_only_ir_and_reads_no_files(path):
+    bad = {m for m in _stepjit_imports(path) if not (m + ".").startswith(("stepjit.ir.",
+                                                                          "stepjit.codegen."))}
+    assert not bad, f"{_rel(path)} imports {sorted(bad)}"
+    io = imported_modules(path) & {"os", "pathlib", "importlib.resources", "io", "shutil"}
+    assert not io, f"{_rel(path)} imports {sorted(io)}: it should be given text, not read it"
+
+
+@pytest.mark.parametrize("path", _files("runtime"), ids=_rel)
+def test_runtime_never_imports_optim_or_the_package_root(path):
+    bad = {m for m in _stepjit_imports(path)
+           if m == "stepjit" or (m + ".").startswith(("stepjit.optim.", "stepjit.cli.",
+                                                      "stepjit.torch."))}
+    assert not bad, f"{_rel(path)} imports {sorted(bad)}"
+
+
+LIBRARY = [p for p in sorted(PACKAGE.glob("**/*.py"))
+           if not _rel(p).startswith(("stepjit/cli/", "stepjit/cli.py", "stepjit/__main__"))]
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=_rel)
+def test_no_library_module_imports_the_command_line(path):
+    bad = {m for m in _stepjit_imports(path) if (m + ".").startswith("stepjit.cli.")}
     assert not bad, f"{_rel(path)} imports {sorted(bad)}"

@@ -465,3 +465,25 @@ def test_torch_meta_and_sparse_tensors_get_a_clear_error():
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
     assert torch.equal(emb.weight, weight)
+
+
+def test_zero_grad_after_a_smaller_gradient_writes_only_that_gradient(backend):
+    """zero_grad's table holds each gradient's size: a smaller new gradient is not zeroed past
+    its end (the tables are rebuilt, or re-pointed only for the same shape)."""
+    p = P(np.ones(1024, np.float32))
+    p.grad = np.ones(1024, np.float32)
+    opt = SGD([p], lr=0.1, backend=backend)
+    opt.zero_grad()
+    base = np.full(1024, 7.0, np.float32)
+    p.grad = base[:8]  # a view: zeroing 1024 elements from its start would clobber `base`
+    opt.zero_grad()
+    assert np.all(base[:8] == 0) and np.all(base[8:] == 7)
+
+
+def test_a_product_of_hyperparameters_beyond_float64_is_refused(backend):
+    p = P(np.ones(3))
+    p.grad = np.ones(3)
+    opt = SGD([{"params": [p], "lr_mult": 1e200}], lr=1e200, backend=backend)
+    with pytest.raises(ValueError, match="param group 0: lr = inf is not finite"):
+        opt.step()
+    assert np.all(p.data == 1)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from stepjit.bench import Row, rows_from_json
+from stepjit.cli.bench import Row, rows_from_json
 
 PHASES = ("trace", "lower", "parse", "optimize", "codegen", "load")
 
@@ -80,7 +80,7 @@ def render(data: dict, source: str = "bench.json") -> str:
           _ms(r.step_ms.get("numpy")), _ms(r.step_ms.get("torch_fused")),
           _ms(r.step_ms.get("probe")), f"{r.gbps['stepjit']:.1f}",
           f"{100 * r.step_ms['probe'] / r.step_ms['stepjit']:.0f}%",
-          f"{r.step_ms['numpy'] / r.step_ms['stepjit']:.1f}",
+          (f"{r.step_ms['numpy'] / r.step_ms['stepjit']:.1f}" if "numpy" in r.step_ms else "-"),
           (f"{r.step_ms['torch_fused'] / r.step_ms['stepjit']:.2f}"
            if "torch_fused" in r.step_ms else "-")]
          for r in rows],

@@ -23,7 +23,7 @@ import tracemalloc
 import numpy as np
 
 import stepjit
-from stepjit import bench
+from stepjit.cli import bench
 
 FIRST_STEP_FROM_DISK = textwrap.dedent("""
     import json, time, numpy as np, stepjit

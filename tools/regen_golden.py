@@ -18,22 +18,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stepjit.ir import DType, UpdateRule
-from stepjit.optim.sgd import sgd_rule
+from stepjit.ir import UpdateRule
+from stepjit.optim import rule_for
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 
-# (momentum, nesterov, weight_decay, clip, param dtype, grad dtype): small, and between them the
-# plain element loop, a state buffer, the per-tensor flag, the reduce kernel and bfloat16 rounding
-GOLDEN: list[tuple] = [
-    (False, False, False, False, DType.F32, DType.F32),
-    (True, False, False, True, DType.BF16, DType.BF16),
+# (registered optimizer, dtype, hyperparameters): small, and between them the plain element loop,
+# a state buffer, the per-tensor flag, the reduce kernel and bfloat16 rounding
+GOLDEN: list[tuple[str, str, dict]] = [
+    ("sgd", "float32", {}),
+    ("sgd", "bfloat16", {"momentum": 0.9, "clip_norm": 1.0}),
 ]
 
 
 def golden_rules() -> list[UpdateRule]:
-    """The rules whose lowered text is kept in tests/golden/."""
-    return [sgd_rule(*structure) for structure in GOLDEN]
+    """The rules whose lowered text is kept in tests/golden/ (see `stepjit.optim.rule_for`)."""
+    return [rule_for(name, dtype, **hyperparameters) for name, dtype, hyperparameters in GOLDEN]
 
 
 def normalize_llvm(text: str) -> str:
@@ -57,7 +57,7 @@ def llvm_text(rule: UpdateRule) -> str:
 
 def cuda_text(rule: UpdateRule) -> str:
     """The golden CUDA source of `rule`."""
-    from stepjit.codegen.cuda import render
+    from stepjit.runtime.gpu import render
 
     text = render(rule)
     return text if text.endswith("\n") else text + "\n"

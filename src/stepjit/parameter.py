@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
+import weakref
 
 from .runtime import arrays
 
 _generation = itertools.count(1)
 _current = [0]
+_recent: collections.deque = collections.deque(maxlen=4096)  # (generation, weakref to Parameter)
 
 
 def generation() -> int:
@@ -20,8 +23,27 @@ def generation() -> int:
     return _current[0]
 
 
-def _bump() -> None:
+def _bump(param: Parameter | None = None) -> None:
     _current[0] = next(_generation)
+    if param is not None:
+        _recent.append((_current[0], weakref.ref(param)))
+
+
+def changed_since(seen: int) -> list[Parameter] | None:
+    """The Parameters whose `.data` or `.grad` was assigned after generation `seen`, or None
+    when that is too long ago to tell (an optimizer then rebuilds its tables)."""
+    if seen == _current[0]:
+        return []
+    if not _recent or _recent[0][0] > seen + 1:
+        return None
+    found = {}
+    for gen, ref in reversed(_recent):
+        if gen <= seen:
+            break
+        p = ref()
+        if p is not None:
+            found[id(p)] = p
+    return list(found.values())
 
 
 class Parameter:
@@ -52,7 +74,7 @@ class Parameter:
             raise TypeError(f"Parameter.data must be an array, got {arrays.type_name(value)}")
         if value is not self._data:  # `p.data -= x` assigns the same array back
             self._data = value
-            _bump()
+            _bump(self)
 
     @property
     def grad(self):
@@ -66,7 +88,7 @@ class Parameter:
             )
         if value is not self._grad:  # `p.grad += g` assigns the same array back
             self._grad = value
-            _bump()
+            _bump(self)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -106,6 +106,19 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
     return result;
 }
 
+// -- reinterpreting bits ---------------------------------------------------------------------------
+inline float __int_as_float(int bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline double __longlong_as_double(long long bits) {
+    double d;
+    std::memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
 // -- half types: storage only; conversions round to nearest even ------------------------------------
 struct __half {
     std::uint16_t bits;

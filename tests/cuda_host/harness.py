@@ -20,6 +20,7 @@ import numpy as np
 
 from stepjit.codegen import cuda as codegen
 from stepjit.ir import DType, UpdateRule
+from stepjit.runtime import gpu
 from stepjit.runtime.gpu import build_tables
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +84,7 @@ class HostLibrary:
         parts = []
         for rule in rules:
             info = codegen.describe(rule, **geometry)
-            parts.append(codegen.render(rule, **geometry))
+            parts.append(gpu.render(rule, **geometry))
             parts.append(_wrapper(info, info.update))
             if info.partial_sums:
                 parts.append(_wrapper(info, info.partial_sums))

@@ -41,15 +41,11 @@ __device__ __forceinline__ bool pack_aligned(const T* p) {
     return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * N) == 0;
 }
 
-// numpy.maximum / numpy.minimum: a NaN in either operand gives NaN.
+// maximum / minimum: NaN if either operand is NaN; on a tie (0.0 and -0.0) the second operand.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ double nan_max(double a, double b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
 __device__ __forceinline__ double nan_min(double a, double b) { return (a < b || a != a) ? a : b; }
-// numpy's float16 versions keep the first operand when a == b (which matters for 0.0 and -0.0);
-// the float32, float64 and bfloat16 ones keep the second.
-__device__ __forceinline__ float nan_max_first(float a, float b) { return (a >= b || a != a) ? a : b; }
-__device__ __forceinline__ float nan_min_first(float a, float b) { return (a <= b || a != a) ? a : b; }
 
 // The sum of one double per thread over the block, returned to every thread.
 // The order of the additions depends only on BLOCK: the same inputs give the same bits.

@@ -1,11 +1,11 @@
 """Lowering of an update rule to CUDA C: a table {op: C expression} and kernel skeletons.
 
-    source = render(rule)        # the complete .cu text: prelude, partial sums, update
-    info = describe(rule)        # kernel names, launch geometry, parameter list
+    source = render(rule, templates)   # the complete .cu text: prelude, partial sums, update
+    info = describe(rule)              # kernel names, launch geometry, parameter list
 
-Pure functions: the only I/O is reading the skeletons in `codegen_templates/`, and nothing here
-compiles or launches (that is `stepjit.runtime.gpu`), so every rule can be lowered and inspected
-on a machine without a GPU.
+Pure functions without I/O: the kernel skeletons of `codegen_templates/` are given as text
+(`Templates`; `stepjit.runtime.gpu` reads them), and nothing here compiles or launches, so every
+rule can be lowered and inspected on a machine without a GPU.
 
 The emitted code follows the rule node by node: each computed node `%N` of the rule becomes
 `const T vN = ...;  // %N = op ...`, so a dumped kernel reads like the rule's own text (which
@@ -35,13 +35,12 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
-from ..ir import DType, Expr, Op, UpdateRule
+from ..ir import OPS, DType, Expr, Op, UpdateRule
 from ..ir.ops import LEAVES
+from . import check_supported
 
 BLOCK = 512
 """Threads per block."""
@@ -80,12 +79,19 @@ def round_to(value: float, dtype: DType) -> float:
     return float(np.array(bits, np.uint32).view(np.float32))
 
 
+_SPECIAL_LITERALS = {  # (NaN, infinity) from their bits: NVRTC has no __builtin_nan, ...
+    "f": ("__int_as_float(0x7fc00000)", "__int_as_float(0x7f800000)"),
+    "": ("__longlong_as_double(0x7ff8000000000000LL)",
+         "__longlong_as_double(0x7ff0000000000000LL)"),
+}
+
+
 def _float_literal(value: float, suffix: str) -> str:
+    nan, inf = _SPECIAL_LITERALS[suffix]
     if value != value:
-        return f'__builtin_nan{suffix}("")'
+        return nan
     if value in (float("inf"), float("-inf")):
-        text = f"__builtin_huge_val{suffix}()"
-        return text if value > 0 else f"(-{text})"
+        return inf if value > 0 else f"(-{inf})"
     text = repr(value)
     return f"{text}{suffix}" if value >= 0 or text.startswith("-0") else f"({text}{suffix})"
 
@@ -156,19 +162,17 @@ def _arith(make: Callable[[DType, Sequence[str]], str]) -> Emitter:
     return emit
 
 
-def _extremum(kind: str, node: Expr) -> Callable[[DType, Sequence[str]], str]:
-    """numpy.maximum / numpy.minimum: NaN-propagating; on ties float16 keeps the first operand,
-    the other dtypes the second (visible only as the sign of a zero)."""
-    helper = f"nan_{kind}_first" if node.src[0].dtype is DType.F16 else f"nan_{kind}"
-    return lambda d, a: f"{helper}({a[0]}, {a[1]})"
-
-
 def _leaf_name(node: Expr, args: Sequence[str]) -> str:
     return c_name(str(node.arg))
 
 
 def _suffix(dtype: DType) -> str:
     return "f" if dtype is DType.F32 else ""
+
+
+def _libm_call(name: str) -> Emitter:
+    """A call of the C math function `name` (`namef` in float32, and for half types)."""
+    return _arith(lambda d, a: f"{name}{_suffix(d)}({a[0]})")
 
 
 CUDA_OPS: dict[Op, Emitter] = {
@@ -179,14 +183,14 @@ CUDA_OPS: dict[Op, Emitter] = {
     Op.CONST: lambda n, a: literal(float(n.arg), n.dtype),
     Op.CAST: lambda n, a: cast(a[0], n.src[0].dtype, n.dtype),
     Op.NEG: _arith(lambda d, a: f"(-{a[0]})"),
-    Op.SQRT: _arith(lambda d, a: f"sqrt{_suffix(d)}({a[0]})"),
-    Op.ABS: _arith(lambda d, a: f"fabs{_suffix(d)}({a[0]})"),
+    # sqrt, fabs, exp, log, tanh: the C math function of the op's record
+    **{op: _libm_call(info.libm) for op, info in OPS.items() if info.libm},
     Op.ADD: _arith(lambda d, a: f"{a[0]} + {a[1]}"),
     Op.SUB: _arith(lambda d, a: f"{a[0]} - {a[1]}"),
     Op.MUL: _arith(lambda d, a: f"{a[0]} * {a[1]}"),
     Op.DIV: _arith(lambda d, a: f"{a[0]} / {a[1]}"),
-    Op.MAX: lambda n, a: _arith(_extremum("max", n))(n, a),
-    Op.MIN: lambda n, a: _arith(_extremum("min", n))(n, a),
+    Op.MAX: _arith(lambda d, a: f"nan_max({a[0]}, {a[1]})"),  # NaN-propagating, b on a tie
+    Op.MIN: _arith(lambda d, a: f"nan_min({a[0]}, {a[1]})"),
     Op.CMPLT: _arith(lambda d, a: f"{a[0]} < {a[1]}"),  # ordered: false when either is NaN
     Op.WHERE: lambda n, a: f"{a[0]} ? {a[1]} : {a[2]}",
     # the tensor's total: reduced before the element loop; its operand is the total's name
@@ -196,13 +200,18 @@ CUDA_OPS: dict[Op, Emitter] = {
 
 
 # -- names -----------------------------------------------------------------------------------------
-_RESERVED = frozenset(
+_C_MATH = frozenset(
+    name for info in OPS.values() if info.libm for name in (info.libm, info.libm + "f")
+)
+"""The C math functions the op table calls, from the ops' records."""
+
+_RESERVED = _C_MATH | frozenset(
     """alignas alignof and asm auto bool break case catch char class const constexpr continue
     decltype default delete do double else enum explicit export extern false float for friend goto
     if inline int long mutable namespace new noexcept not nullptr operator or private protected
     public register return short signed sizeof static static_assert struct switch template this
     thread_local throw true try typedef typename union unsigned using virtual void volatile while
-    xor threadIdx blockIdx blockDim gridDim warpSize sqrt sqrtf fabs fabsf min max
+    xor threadIdx blockIdx blockDim gridDim warpSize min max
     BLOCK CHUNK VEC Pack load_pack store_pack pack_aligned nan_max nan_min block_sum
     tensor_ptrs tensor_numel chunk_table per_tensor_values chunk_partials chunk tensor numel
     begin end i k aligned update accumulate scratch first_chunk n_chunks c""".split()
@@ -265,27 +274,19 @@ def describe(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> Ker
 
 
 # -- templates -------------------------------------------------------------------------------------
-def template_dir() -> Path:
-    """Where the kernel skeletons are: inside the installed package (wheels ship them as
-    `stepjit/codegen_templates`), else at the root of a source checkout."""
-    packaged = Path(str(resources.files("stepjit"))) / "codegen_templates"
-    if (packaged / TEMPLATE_NAMES[0]).is_file():
-        return packaged
-    checkout = Path(__file__).resolve().parents[3] / "codegen_templates"
-    if (checkout / TEMPLATE_NAMES[0]).is_file():
-        return checkout
-    raise FileNotFoundError(
-        f"CUDA kernel templates not found (looked in {packaged} and {checkout})"
-    )
+@dataclass(frozen=True)
+class Templates:
+    """The kernel skeletons, as text: `TEMPLATE_NAMES` in that order."""
 
+    prelude: str
+    partial_sums: str
+    update: str
 
-_templates: dict[str, string.Template] = {}
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> Templates:
+        """From the texts of `TEMPLATE_NAMES`, in that order."""
+        return cls(*texts)
 
-
-def _template(name: str) -> string.Template:
-    if name not in _templates:
-        _templates[name] = string.Template((template_dir() / name).read_text())
-    return _templates[name]
 
 
 # -- lowering --------------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ def _kernel_parts(
     return parts, low
 
 
-def _render_update(rule: UpdateRule, info: KernelInfo) -> str:
+def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
     roots = [e for _, e in rule.outputs]
     needed = _reachable(roots, through_sums=False)
     written = [name for name, _ in rule.outputs]
@@ -438,7 +439,7 @@ def _render_update(rule: UpdateRule, info: KernelInfo) -> str:
                f"{info.partial_sums}\n")
     else:
         doc = "//   chunk_partials                    unused (this rule has no reductions)\n"
-    return _template("update.cu").substitute(
+    return string.Template(templates.update).substitute(
         parts,
         kernel_name=info.update,
         n_slots=len(info.slots),
@@ -450,7 +451,7 @@ def _render_update(rule: UpdateRule, info: KernelInfo) -> str:
     )
 
 
-def _render_partial_sums(rule: UpdateRule, info: KernelInfo) -> str:
+def _render_partial_sums(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
     terms = [total.src[0] for total in rule.reductions]
     needed = _reachable(terms, through_sums=True)
     parts, low = _kernel_parts(rule, info, needed, [], "accumulate")
@@ -466,7 +467,7 @@ def _render_partial_sums(rule: UpdateRule, info: KernelInfo) -> str:
     block_sums += [f"    chunk_partials[(long long)blockIdx.x * {info.n_reductions} + {k}] = "
                    f"sum_{k};" for k in range(len(rule.reductions))]
     block_sums += ["}"]
-    return _template("partial_sums.cu").substitute(
+    return string.Template(templates.partial_sums).substitute(
         parts,
         kernel_name=info.partial_sums,
         update_kernel=info.update,
@@ -482,11 +483,13 @@ def _dtypes_used(rule: UpdateRule) -> set[DType]:
     return used | {d for _, d in rule.scalars} | {d for _, d in rule.per_tensor}
 
 
-def render(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> str:
+def render(rule: UpdateRule, templates: Templates, *, block: int = BLOCK,
+           chunk: int = CHUNK) -> str:
     """The complete CUDA source of `rule`'s kernels (see the module docstring for the layout).
 
     The same rule always gives the same text, so the text can key a compile cache.
     """
+    check_supported(rule, CUDA_OPS, "cuda")
     info = describe(rule, block=block, chunk=chunk)
     used = _dtypes_used(rule)
     head = [
@@ -499,8 +502,8 @@ def render(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> str:
         head.append("#include <cuda_fp16.h>")
     if DType.BF16 in used:
         head.append("#include <cuda_bf16.h>")
-    parts = ["\n".join(head), _template("prelude.cuh").template]
+    parts = ["\n".join(head), templates.prelude]
     if rule.reductions:
-        parts.append(_render_partial_sums(rule, info))
-    parts.append(_render_update(rule, info))
+        parts.append(_render_partial_sums(rule, info, templates))
+    parts.append(_render_update(rule, info, templates))
     return "\n".join(parts)

@@ -16,6 +16,10 @@ so the sums are deterministic whatever the threading. The element loop of each k
 separate function whose pointer arguments are `noalias`, which lets LLVM vectorize it without
 runtime alias checks. Floating-point instructions carry `contract` (fused multiply-add allowed)
 and reduction sums `reassoc`; never `fast`, `nnan` or `ninf`, which would delete NaN handling.
+
+exp, log and tanh are LLVM intrinsics, which the code generator turns into calls of the C
+library's expf, logf, tanhf, exp, log and tanh (`LIBM_SYMBOLS`): the runtime resolves those
+names for the JIT.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 
 from llvmlite import ir
 
-from ..ir import DType, Expr, Op, UpdateRule
+from ..ir import OPS, DType, Expr, Op, UpdateRule
+from . import check_supported
 
 I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F64, HALF = ir.FloatType(), ir.DoubleType(), ir.HalfType()
@@ -83,8 +88,13 @@ class _Ctx:
     def narrow(self, v: ir.Value, dtype: DType) -> ir.Value:
         """`v` (a float or double) rounded to nearest-even into `dtype`."""
         b = self.builder
-        if dtype in (DType.F16, DType.BF16) and v.type == F64:
-            v = b.fptrunc(v, F32)  # double -> half goes through float: no libcall-free direct path
+        # double -> half goes through float (LLVM has no libcall-free direct path): rounded to
+        # odd for float16, which then rounds once in all, as numpy does; bfloat16 rounds twice,
+        # as ml_dtypes does
+        if dtype is DType.F16 and v.type == F64:
+            v = _double_to_float_round_to_odd(b, v)
+        if dtype is DType.BF16 and v.type == F64:
+            v = b.fptrunc(v, F32)
         if dtype is DType.F16:
             return b.fptrunc(v, HALF) if self.f16_native else _soft_float_to_half(b, v)
         if dtype is DType.BF16:
@@ -136,7 +146,8 @@ def _const(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
     if node.dtype is DType.BOOL:
         return I1(int(bool(node.arg)))
     if node.dtype.is_half:
-        return ctx.narrow(ir.Constant(F32, node.arg), node.dtype)
+        wide = F64 if node.dtype is DType.F16 else F32  # rounded as the interpreter rounds
+        return ctx.narrow(ir.Constant(wide, node.arg), node.dtype)
     return ir.Constant(value_type(node.dtype, ctx.f16_native), node.arg)
 
 
@@ -144,12 +155,9 @@ def _cast(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
     return ctx.narrow(ctx.widen(ops[0], node.src[0].dtype), node.dtype)
 
 
-def _sqrt(ctx: _Ctx, ops: list[ir.Value]) -> ir.Value:
-    return ctx.builder.call(ctx.intrinsic("llvm.sqrt", ops[0].type), ops)
-
-
-def _abs(ctx: _Ctx, ops: list[ir.Value]) -> ir.Value:
-    return ctx.builder.call(ctx.intrinsic("llvm.fabs", ops[0].type), ops)
+def _intrinsic(name: str) -> Callable[[_Ctx, list[ir.Value]], ir.Value]:
+    """A call of the LLVM intrinsic `name` (overloaded on its operand's type)."""
+    return lambda ctx, ops: ctx.builder.call(ctx.intrinsic(name, ops[0].type), ops)
 
 
 LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
@@ -160,8 +168,11 @@ LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.CONST: _const,
     Op.CAST: _cast,
     Op.NEG: _arith(lambda c, o: c.builder.fneg(o[0])),
-    Op.SQRT: _arith(_sqrt),
-    Op.ABS: _arith(_abs),
+    Op.SQRT: _arith(_intrinsic("llvm.sqrt")),
+    Op.ABS: _arith(_intrinsic("llvm.fabs")),
+    Op.EXP: _arith(_intrinsic("llvm.exp")),
+    Op.LOG: _arith(_intrinsic("llvm.log")),
+    Op.TANH: _arith(_intrinsic("llvm.tanh")),
     Op.ADD: _arith(lambda c, o: c.builder.fadd(*o, flags=CONTRACT)),
     Op.SUB: _arith(lambda c, o: c.builder.fsub(*o, flags=CONTRACT)),
     Op.MUL: _arith(lambda c, o: c.builder.fmul(*o, flags=CONTRACT)),
@@ -171,6 +182,12 @@ LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.CMPLT: _arith(lambda c, o: c.builder.fcmp_ordered("<", *o)),
     Op.WHERE: lambda c, n, o: c.builder.select(*o),
 }
+"""How each op is lowered: `emitter(context, node, operand values) -> value`."""
+
+LIBM_SYMBOLS: tuple[str, ...] = tuple(
+    name for info in OPS.values() if info.libm for name in (info.libm + "f", info.libm)
+)
+"""C library functions that lowered intrinsics may call (float and double versions)."""
 
 
 def _emit(ctx: _Ctx, nodes: list[Expr]) -> None:
@@ -190,6 +207,7 @@ def lower(rule: UpdateRule, *, f16_native: bool = True) -> ir.Module:
     conversions are emitted as integer code, because the library calls LLVM would otherwise
     emit are not available to the JIT.
     """
+    check_supported(rule, LLVM_OPS, "llvm")
     module = ir.Module(name=rule.name)
     module.triple = ""  # set by the runtime from the target machine
     update_name, reduce_name = kernel_names(rule)
@@ -397,6 +415,20 @@ def _sum_partials(b: ir.IRBuilder, fn, tchunks, partials, t, n_red) -> list[ir.V
 
 
 # -- half and bfloat16 conversions as integer code (no library calls) -----------------------------
+def _double_to_float_round_to_odd(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """double -> float, truncated, with the last bit set when anything was dropped. Rounding the
+    result to nearest-even in a format two or more bits narrower (float16) equals rounding `v`
+    there directly. Infinities and NaN pass; overflow gives the largest float."""
+    t = b.fptrunc(v, F32)
+    back = b.fpext(t, F64)
+    fabs = b.module.declare_intrinsic("llvm.fabs", [F64])
+    away = b.fcmp_ordered(">", b.call(fabs, [back]), b.call(fabs, [v]))  # rounded up in size
+    bits = b.bitcast(t, I32)
+    bits = b.select(away, b.sub(bits, I32(1)), bits)  # one step back toward zero
+    inexact = b.fcmp_ordered("!=", back, v)
+    return b.bitcast(b.select(inexact, b.or_(bits, I32(1)), bits), F32)
+
+
 def _float_to_bfloat(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN."""
     bits = b.bitcast(v, I32)

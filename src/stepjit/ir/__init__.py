@@ -5,24 +5,44 @@ reverse.
 """
 
 from .dtypes import DType
-from .expr import Expr, const, maximum, minimum, per_tensor, scalar, sqrt, tensor, where
+from .expr import (
+    Expr,
+    apply,
+    const,
+    exp,
+    log,
+    maximum,
+    minimum,
+    per_tensor,
+    scalar,
+    sqrt,
+    tanh,
+    tensor,
+    where,
+)
 from .interp import evaluate
-from .ops import Op
+from .ops import OPS, Op, OpInfo
 from .rule import Slot, UpdateRule
 
 __all__ = [
     "DType",
     "Expr",
+    "OPS",
     "Op",
+    "OpInfo",
     "Slot",
     "UpdateRule",
+    "apply",
     "const",
     "evaluate",
+    "exp",
+    "log",
     "maximum",
     "minimum",
     "per_tensor",
     "scalar",
     "sqrt",
+    "tanh",
     "tensor",
     "where",
 ]

@@ -7,6 +7,8 @@ Nodes are interned: building the same expression twice gives the same object, so
 subexpressions are shared nodes, equality is identity, and hashing is O(1).
 Binary operators require both sides to have the same dtype (a Python number takes the other
 side's dtype); a rule casts explicitly, so that every conversion is visible in its dump.
+Which operands and dtypes each op accepts, and its result's dtype, come from its record in
+`ops.OPS`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import weakref
 from typing import Union
 
 from .dtypes import DType
-from .ops import BINARY, LEAVES, REDUCE, UNARY, Op
+from .ops import LEAVES, OPS, Kind, Op, Result, accepted
 
 Operand = Union["Expr", int, float]
 
@@ -38,41 +40,51 @@ class Expr:
     elementwise: bool
 
     def __new__(cls, op: Op, dtype: DType, src: tuple[Expr, ...] = (), arg=None) -> Expr:
-        if op is Op.CONST:
+        literal = OPS[op].arg is float
+        if literal:
             arg = float(arg)
         # a literal is keyed by its bits' text: 0.0 == -0.0 would merge the two zeros, and
         # nan != nan would never intern a NaN
-        key = (op, dtype, src, arg.hex() if op is Op.CONST else arg)
+        key = (op, dtype, src, arg.hex() if literal else arg)
         node = cls._interned.get(key)
         if node is None:
             _check(op, dtype, src, arg)
             node = object.__new__(cls)
             node.op, node.dtype, node.src, node.arg = op, dtype, src, arg
             node.elementwise = op is Op.TENSOR or (
-                op is not Op.SUM and any(s.elementwise for s in src)
+                OPS[op].kind is not Kind.REDUCE and any(s.elementwise for s in src)
             )
             cls._interned[key] = node
         return node
 
     # -- construction helpers -------------------------------------------------------------
     def cast(self, dtype: DType) -> Expr:
+        """This value converted to `dtype` (rounded to nearest-even; see `OPS[Op.CAST]`)."""
         return self if dtype is self.dtype else Expr(Op.CAST, dtype, (self,))
 
     def sqrt(self) -> Expr:
-        return Expr(Op.SQRT, self.dtype, (self,))
+        """The square root, correctly rounded."""
+        return apply(Op.SQRT, self)
+
+    def exp(self) -> Expr:
+        """e to the power of this value."""
+        return apply(Op.EXP, self)
+
+    def log(self) -> Expr:
+        """The natural logarithm."""
+        return apply(Op.LOG, self)
+
+    def tanh(self) -> Expr:
+        """The hyperbolic tangent."""
+        return apply(Op.TANH, self)
 
     def sum(self) -> Expr:
         """Sum over all elements of the tensor, accumulated in float64."""
-        return Expr(Op.SUM, DType.F64, (self.cast(DType.F64),))
+        return apply(Op.SUM, self.cast(DType.F64))
 
     def _binary(self, op: Op, other: Operand, reflected: bool = False) -> Expr:
         other = _lift(other, self.dtype)
-        a, b = (other, self) if reflected else (self, other)
-        if a.dtype is not b.dtype:
-            raise TypeError(
-                f"{op.value}: operand dtypes differ ({a.dtype} and {b.dtype}); cast one"
-            )
-        return Expr(op, DType.BOOL if op is Op.CMPLT else a.dtype, (a, b))
+        return apply(op, other, self) if reflected else apply(op, self, other)
 
     def __add__(self, o: Operand) -> Expr:
         return self._binary(Op.ADD, o)
@@ -99,10 +111,10 @@ class Expr:
         return self._binary(Op.DIV, o, True)
 
     def __neg__(self) -> Expr:
-        return Expr(Op.NEG, self.dtype, (self,))
+        return apply(Op.NEG, self)
 
     def __abs__(self) -> Expr:
-        return Expr(Op.ABS, self.dtype, (self,))
+        return apply(Op.ABS, self)
 
     def __lt__(self, o: Operand) -> Expr:
         return self._binary(Op.CMPLT, o)
@@ -129,30 +141,52 @@ def _lift(x: Operand, dtype: DType) -> Expr:
     raise TypeError(f"cannot use {type(x).__name__} in an IR expression")
 
 
+def apply(op: Op, *operands: Expr) -> Expr:
+    """The node `op(*operands)`, its dtype given by the op's record (not for leaves and casts,
+    whose dtype is chosen: use `tensor`, `const`, ..., `Expr.cast`)."""
+    info = OPS[op]
+    if info.result is Result.GIVEN:
+        raise TypeError(f"{op.value}: the result dtype is chosen, not derived; build it directly")
+    _check_arity(op, len(operands))
+    values = operands[1:] if info.condition else operands
+    return Expr(op, info.result_dtype(values[0].dtype), tuple(operands))
+
+
+def _check_arity(op: Op, count: int) -> None:
+    if count != OPS[op].arity:
+        raise TypeError(f"{op.value} takes {OPS[op].arity} operands, got {count}")
+
+
 def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
-    arity = 0 if op in LEAVES else 1 if op in UNARY | REDUCE else 2 if op in BINARY else 3
-    if len(src) != arity:
-        raise TypeError(f"{op.value} takes {arity} operands, got {len(src)}")
-    if op in LEAVES and op is not Op.CONST and not (isinstance(arg, str) and arg.isidentifier()):
+    """Raise unless `op(src)` of `dtype` is a node its record allows."""
+    info = OPS[op]
+    _check_arity(op, len(src))
+    if info.arg is str and not (isinstance(arg, str) and arg.isidentifier()):
         raise ValueError(f"{op.value}: a leaf needs an identifier name, got {arg!r}")
-    if op in (Op.SQRT, Op.NEG, Op.ABS) and not dtype.is_float:
-        raise TypeError(f"{op.value} needs a float operand")
-    if op is Op.SUM:
-        if src[0].dtype is not DType.F64:
-            raise TypeError("sum accumulates float64: cast its operand")
-        if _contains_sum(src[0]):
-            raise ValueError("a sum may not contain another sum (one reduction pass per kernel)")
-    if op is Op.WHERE:
-        cond, a, b = src
-        if cond.dtype is not DType.BOOL or a.dtype is not b.dtype or a.dtype is not dtype:
-            raise TypeError("where(cond, a, b) needs a bool cond and a, b of the same dtype")
+    if info.condition:
+        if src[0].dtype is not DType.BOOL:
+            raise TypeError(f"{op.value}: the condition must be bool, not {src[0].dtype}")
+        src = src[1:]
+    if not src:
+        return
+    operand = src[0].dtype
+    if any(s.dtype is not operand for s in src):
+        raise TypeError(f"{op.value}: operand dtypes differ "
+                        f"({', '.join(str(s.dtype) for s in src)}); cast one")
+    if operand not in info.accepts:
+        raise TypeError(f"{op.value} takes {accepted(info.accepts)} operands, not {operand}")
+    if info.result is not Result.GIVEN and dtype is not info.result_dtype(operand):
+        raise TypeError(f"{op.value} of {operand} is {info.result_dtype(operand)}, not {dtype}")
+    if info.kind is Kind.REDUCE and _contains_reduction(src[0]):
+        raise ValueError(f"a {op.value} may not contain another reduction "
+                         "(one reduction pass per kernel)")
 
 
-def _contains_sum(root: Expr) -> bool:
+def _contains_reduction(root: Expr) -> bool:
     seen, todo = set(), [root]
     while todo:
         e = todo.pop()
-        if e.op is Op.SUM:
+        if OPS[e.op].kind is Kind.REDUCE:
             return True
         if id(e) not in seen:
             seen.add(id(e))
@@ -177,24 +211,43 @@ def per_tensor(name: str, dtype: DType) -> Expr:
 
 
 def const(value: float, dtype: DType) -> Expr:
+    """The literal `value`, rounded to `dtype`."""
     return Expr(Op.CONST, dtype, arg=value)
 
 
 def where(cond: Expr, a: Operand, b: Operand) -> Expr:
+    """`a` where the bool `cond` is true, else `b` (a Python number takes the other's dtype)."""
     ref = a if isinstance(a, Expr) else b
     if not isinstance(ref, Expr):
         raise TypeError("where needs at least one expression among a and b")
-    a, b = _lift(a, ref.dtype), _lift(b, ref.dtype)
-    return Expr(Op.WHERE, a.dtype, (cond, a, b))
+    return apply(Op.WHERE, cond, _lift(a, ref.dtype), _lift(b, ref.dtype))
 
 
 def maximum(a: Expr, b: Operand) -> Expr:
+    """The larger of `a` and `b`; NaN if either is NaN; `b` on a tie (see `OPS[Op.MAX]`)."""
     return a._binary(Op.MAX, b)
 
 
 def minimum(a: Expr, b: Operand) -> Expr:
+    """The smaller of `a` and `b`; NaN if either is NaN; `b` on a tie (see `OPS[Op.MIN]`)."""
     return a._binary(Op.MIN, b)
 
 
 def sqrt(a: Expr) -> Expr:
+    """The square root of `a`, correctly rounded."""
     return a.sqrt()
+
+
+def exp(a: Expr) -> Expr:
+    """e to the power `a`."""
+    return a.exp()
+
+
+def log(a: Expr) -> Expr:
+    """The natural logarithm of `a`."""
+    return a.log()
+
+
+def tanh(a: Expr) -> Expr:
+    """The hyperbolic tangent of `a`."""
+    return a.tanh()

@@ -1,33 +1,20 @@
-"""The numpy evaluator of the IR: the living definition of every op.
+"""The numpy evaluator of the IR: runs the definition of every op (`ops.OPS[op].definition`).
 
 Every compiled backend is tested against this file. It evaluates one tensor at a time, in the
-dtypes the rule names (float32 arithmetic stays float32), so it is the `reference` backend too.
+dtypes the rule names (float32 arithmetic stays float32, unless an op's definition says
+otherwise), rounding each result to its node's dtype, so it is the `reference` backend too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from .dtypes import DType
 from .expr import Expr
-from .ops import Op
+from .ops import OPS, Kind, Op
 from .rule import UpdateRule
-
-NUMPY_OPS: dict[Op, Callable] = {
-    Op.NEG: np.negative,
-    Op.SQRT: np.sqrt,
-    Op.ABS: np.abs,
-    Op.ADD: np.add,
-    Op.SUB: np.subtract,
-    Op.MUL: np.multiply,
-    Op.DIV: np.divide,
-    Op.MAX: np.maximum,
-    Op.MIN: np.minimum,
-    Op.CMPLT: np.less,
-    Op.WHERE: np.where,
-}
 
 
 def _typed(value, dtype: DType):
@@ -36,6 +23,14 @@ def _typed(value, dtype: DType):
     if isinstance(value, np.ndarray) and value.ndim:
         return value.astype(np_dtype, copy=False)
     return np_dtype.type(value)
+
+
+def _leaf(node: Expr, arrays, scalars, per_tensor):
+    """The value a leaf reads from the inputs of `evaluate`."""
+    if node.op is Op.TENSOR:
+        return arrays[node.arg]
+    inputs = {Op.SCALAR: scalars, Op.PER_TENSOR: per_tensor}.get(node.op)
+    return _typed(node.arg if inputs is None else inputs[node.arg], node.dtype)
 
 
 def evaluate(
@@ -53,21 +48,13 @@ def evaluate(
     values: dict[Expr, object] = {}
     with np.errstate(all="ignore"):
         for n in rule.nodes:
-            if n.op is Op.TENSOR:
-                v = arrays[n.arg]
-            elif n.op is Op.SCALAR:
-                v = _typed(scalars[n.arg], n.dtype)
-            elif n.op is Op.PER_TENSOR:
-                v = _typed(per_tensor[n.arg], n.dtype)
-            elif n.op is Op.CONST:
-                v = _typed(n.arg, n.dtype)
-            elif n.op is Op.CAST:
-                v = _typed(values[n.src[0]], n.dtype)
-            elif n.op is Op.SUM:
-                src = values[n.src[0]]
-                v = np.float64(np.sum(np.broadcast_to(src, (numel,)), dtype=np.float64))
+            if OPS[n.op].kind is Kind.LEAF:
+                v = _leaf(n, arrays, scalars, per_tensor)
             else:
-                v = _typed(NUMPY_OPS[n.op](*(values[s] for s in n.src)), n.dtype)
+                operands = [values[s] for s in n.src]
+                if OPS[n.op].kind is Kind.REDUCE:
+                    operands = [np.broadcast_to(x, (numel,)) for x in operands]
+                v = _typed(OPS[n.op].definition(*operands), n.dtype)
             values[n] = v
     return {
         slot: np.broadcast_to(values[e], (numel,)).astype(e.dtype.to_numpy(), copy=True)

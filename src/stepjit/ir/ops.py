@@ -1,16 +1,51 @@
-"""The operations of the IR: a small enum that every backend must cover in full.
+"""The operations of the IR: an enum, and one record per op that says everything about it.
 
 Leaves read the world (a tensor element, a group hyperparameter, a per-tensor value, a literal);
 the rest compute. `SUM` is the only reduction: it adds its source over every element of one
 tensor, in float64, and its result is a per-tensor value like any other uniform expression.
+
+`OPS[op]` is the one place an op is declared: how many operands it takes and of which dtypes,
+the dtype of its result, its numeric definition (a numpy function: the reference interpreter
+runs it), its special cases (signed zeros, NaN, ties) as text and as checked examples, what the
+compiled backends promise against that definition, and the C math function that computes it.
+Expression checks, the interpreter, the C names the CUDA backend reserves and the symbols the
+LLVM runtime resolves are all derived from these records; each backend adds only how it spells
+the op (`LLVM_OPS` in codegen/llvm.py, `CUDA_OPS` in codegen/cuda.py), and refuses a rule that
+uses an op its table lacks.
+
+What the backends promise:
+
+- `ulps == 0` (every op but exp, log, tanh and sum): every backend gives the definition's bits,
+  in every dtype the op accepts, NaN aside (any NaN is a NaN: payloads and signs are not kept).
+  Float operations round once to nearest-even and keep denormals (IEEE 754); float16 and
+  bfloat16 compute in float32 and round the result once, which is exact for these ops. This holds
+  for one op; in a rule, the LLVM backend may fuse a multiply and an add into one rounding
+  (`contract`), the CUDA backend never does (`-fmad=false`).
+- `ulps > 0` (exp, log, tanh): C libraries differ, so backends agree within `ulps` units in the
+  last place in float32 and float64 (1 in float16 and bfloat16, computed in float32), and exactly
+  on the special values of `examples`. The interpreter evaluates float32 and the half types in
+  float64 and rounds once (nearly always the correctly rounded result), float64 with numpy's
+  functions; the LLVM backend calls the C library's expf, logf, tanhf, exp, log, tanh (with glibc,
+  at most 2 ulps from the interpreter in the tests); CUDA calls its own, documented within 2 ulps
+  of the correctly rounded result (expf, tanhf) or 1 (logf, exp, log, tanh).
+- `SUM` adds in float64 from +0, in an unspecified order: within (n - 1) * eps * sum(|x|) of the
+  exact sum, so two backends within twice that of each other.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import DType
 
 
 class Op(enum.Enum):
+    """One operation of the IR; `OPS[op]` describes it. The value is its name in rule text."""
+
     # leaves
     TENSOR = "load"  # one element of a named tensor slot
     SCALAR = "arg"  # a named group hyperparameter, passed to the kernel at every launch
@@ -21,27 +56,212 @@ class Op(enum.Enum):
     NEG = "neg"
     SQRT = "sqrt"
     ABS = "abs"
+    EXP = "exp"
+    LOG = "log"
+    TANH = "tanh"
     # binary
     ADD = "add"
     SUB = "sub"
     MUL = "mul"
     DIV = "div"
-    MAX = "max"  # NaN-propagating, like numpy.maximum
-    MIN = "min"  # NaN-propagating, like numpy.minimum
-    CMPLT = "cmplt"  # a < b, ordered (false when either is NaN)
+    MAX = "max"
+    MIN = "min"
+    CMPLT = "cmplt"
     # ternary
-    WHERE = "where"  # cond ? a : b
+    WHERE = "where"
     # reduction
-    SUM = "sum"  # sum over the tensor's elements, float64 in and out
+    SUM = "sum"
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"
 
 
-LEAVES = frozenset({Op.TENSOR, Op.SCALAR, Op.PER_TENSOR, Op.CONST})
-UNARY = frozenset({Op.CAST, Op.NEG, Op.SQRT, Op.ABS})
-BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.MIN, Op.CMPLT})
-TERNARY = frozenset({Op.WHERE})
-REDUCE = frozenset({Op.SUM})
+class Kind(enum.Enum):
+    """Where an op's value comes from."""
 
-assert LEAVES | UNARY | BINARY | TERNARY | REDUCE == frozenset(Op)
+    LEAF = "leaf"  # read from the world: a tensor element, an argument, a literal
+    ELEMENTWISE = "elementwise"  # computed from its operands' values
+    REDUCE = "reduce"  # computed from every element of its operand over a tensor
+
+
+class Result(enum.Enum):
+    """How the dtype of an op's result follows from its operands."""
+
+    GIVEN = "given"  # chosen by whoever builds the node (leaves, cast)
+    OPERAND = "operand"  # the dtype of its operands
+    BOOL = "bool"  # a comparison
+
+
+FLOATS = frozenset(d for d in DType if d.is_float)
+ANY = frozenset(DType)
+
+Example = tuple[tuple[float, ...], float]
+"""(operands, result): a special case every backend must reproduce bit for bit, in every float
+dtype the op accepts (True and False are written 1.0 and 0.0). For a reduction, the operands are
+the elements of one tensor."""
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """Everything the IR says about one op (see the module docstring)."""
+
+    kind: Kind
+    arity: int
+    accepts: frozenset[DType]
+    """The dtypes its operands may have; all of them have the same one (a condition aside)."""
+    result: Result
+    definition: Callable | None
+    """numpy function of the operands' values (numpy scalars or arrays of the operands' dtype)
+    whose value, rounded to nearest-even in the result's dtype, defines the op. None for leaves,
+    whose value the interpreter reads from its inputs."""
+    semantics: str
+    """Signed zeros, NaN and ties, in words."""
+    examples: tuple[Example, ...] = ()
+    ulps: int = 0
+    """0: every backend gives the definition's bits (a reduction: within the float64 summation
+    bound); else the tolerance described above."""
+    libm: str | None = None
+    """The C math function computing it (float versions add `f`): CUDA C calls it by name, LLVM
+    lowers its intrinsic to a call of it, which the JIT resolves in the C library."""
+    condition: bool = False
+    """Whether the first operand is a bool condition, outside `accepts`."""
+    arg: type | None = None
+    """What a node's `arg` holds: a name (`str`), a literal (`float`) or nothing."""
+
+    def result_dtype(self, operand: DType) -> DType:
+        """The dtype of the result for operands of dtype `operand` (not for GIVEN results)."""
+        if self.result is Result.GIVEN:
+            raise TypeError("the result dtype of this op is given by whoever builds the node")
+        return DType.BOOL if self.result is Result.BOOL else operand
+
+    def tolerance(self, dtype: DType) -> int:
+        """Units in the last place of `dtype` by which compiled backends may differ."""
+        if not self.ulps:
+            return 0
+        return 1 if dtype.is_half else self.ulps
+
+
+# -- definitions the interpreter runs ------------------------------------------------------------
+def _same(x):
+    return x
+
+
+def _in_float64(fn: Callable) -> Callable:
+    """`fn` evaluated in float64 (rounded once to the operand's dtype by the interpreter)."""
+
+    def definition(x):
+        return fn(np.asarray(x, dtype=np.float64))
+
+    definition.__name__ = fn.__name__
+    return definition
+
+
+def _maximum(a, b):
+    """NaN if either is NaN, else the larger; on a tie the second operand."""
+    return np.where(np.isnan(a) | np.isnan(b), a + b, np.where(a > b, a, b))
+
+
+def _minimum(a, b):
+    """NaN if either is NaN, else the smaller; on a tie the second operand."""
+    return np.where(np.isnan(a) | np.isnan(b), a + b, np.where(a < b, a, b))
+
+
+def _sum(x):
+    return np.sum(x, dtype=np.float64) + 0.0  # from +0, as the kernels add: -0 + -0 is +0
+
+
+_nan, _inf = float("nan"), float("inf")
+
+
+def _leaf(arg: type | None, semantics: str) -> OpInfo:
+    return OpInfo(Kind.LEAF, 0, ANY, Result.GIVEN, None, semantics, arg=arg)
+
+
+def _unary(definition, semantics, examples=(), **more) -> OpInfo:
+    return OpInfo(Kind.ELEMENTWISE, 1, FLOATS, Result.OPERAND, definition, semantics,
+                  tuple(examples), **more)
+
+
+def _binary(definition, semantics, examples=(), result=Result.OPERAND) -> OpInfo:
+    return OpInfo(Kind.ELEMENTWISE, 2, FLOATS, result, definition, semantics, tuple(examples))
+
+
+OPS: dict[Op, OpInfo] = {
+    Op.TENSOR: _leaf(str, "The element of the named tensor slot, as stored."),
+    Op.SCALAR: _leaf(str, "The named hyperparameter, a Python float rounded once to the node's "
+                          "dtype, to nearest-even (to bfloat16 through float32, as ml_dtypes "
+                          "rounds; to bool: nonzero, NaN included, is true)."),
+    Op.PER_TENSOR: _leaf(str, "The named per-tensor value, rounded as a scalar."),
+    Op.CONST: _leaf(float, "The literal, rounded as a scalar; -0.0 and NaN are kept."),
+    Op.CAST: OpInfo(
+        Kind.ELEMENTWISE, 1, ANY, Result.GIVEN, _same,
+        "numpy's astype: to nearest-even (float64 to bfloat16 through float32, as ml_dtypes "
+        "does); overflow gives infinity; to bool, nonzero (NaN included) is true; from bool, "
+        "1 and 0; the sign of zero and NaN are kept.",
+        [((-0.0,), -0.0), ((_nan,), _nan), ((_inf,), _inf)],
+    ),
+    Op.NEG: _unary(np.negative, "Flips the sign bit: -(+0) is -0, -NaN is NaN.",
+                   [((0.0,), -0.0), ((-0.0,), 0.0), ((-_inf,), _inf)]),
+    Op.SQRT: _unary(np.sqrt, "IEEE square root, correctly rounded: sqrt(-0) is -0, sqrt(x < 0) "
+                             "is NaN, sqrt(inf) is inf.",
+                    [((-0.0,), -0.0), ((-1.0,), _nan), ((_inf,), _inf), ((4.0,), 2.0)],
+                    libm="sqrt"),
+    Op.ABS: _unary(np.abs, "Clears the sign bit: abs(-0) is +0.",
+                   [((-0.0,), 0.0), ((-_inf,), _inf), ((_nan,), _nan)], libm="fabs"),
+    Op.EXP: _unary(_in_float64(np.exp), "e**x: exp(+-0) is 1, exp(-inf) is +0, exp(inf) is "
+                                        "inf; overflow gives inf, underflow denormals or +0.",
+                   [((0.0,), 1.0), ((-0.0,), 1.0), ((-_inf,), 0.0), ((_inf,), _inf),
+                    ((_nan,), _nan)], ulps=4, libm="exp"),
+    Op.LOG: _unary(_in_float64(np.log), "Natural logarithm: log(+-0) is -inf, log(x < 0) is "
+                                        "NaN, log(1) is +0, log(inf) is inf.",
+                   [((0.0,), -_inf), ((-0.0,), -_inf), ((-1.0,), _nan), ((1.0,), 0.0),
+                    ((_inf,), _inf), ((_nan,), _nan)], ulps=4, libm="log"),
+    Op.TANH: _unary(_in_float64(np.tanh), "Hyperbolic tangent: odd, tanh(+-0) is +-0, "
+                                          "tanh(+-inf) is +-1.",
+                    [((0.0,), 0.0), ((-0.0,), -0.0), ((_inf,), 1.0), ((-_inf,), -1.0),
+                     ((_nan,), _nan)], ulps=4, libm="tanh"),
+    Op.ADD: _binary(np.add, "IEEE a + b: (+0) + (-0) is +0, inf + (-inf) is NaN.",
+                    [((0.0, -0.0), 0.0), ((-0.0, -0.0), -0.0), ((_inf, -_inf), _nan)]),
+    Op.SUB: _binary(np.subtract, "IEEE a - b: (+0) - (+0) is +0, inf - inf is NaN.",
+                    [((0.0, 0.0), 0.0), ((-0.0, 0.0), -0.0), ((_inf, _inf), _nan)]),
+    Op.MUL: _binary(np.multiply, "IEEE a * b: the sign is the XOR of the signs, 0 * inf is NaN.",
+                    [((-0.0, 3.0), -0.0), ((0.0, _inf), _nan)]),
+    Op.DIV: _binary(np.divide, "IEEE a / b: 1 / -0 is -inf, 0 / 0 is NaN.",
+                    [((1.0, -0.0), -_inf), ((0.0, 0.0), _nan), ((-1.0, _inf), -0.0)]),
+    Op.MAX: _binary(_maximum, "NaN if either operand is NaN, else the larger; on a tie the "
+                              "second operand (which shows only for zeros: maximum(+0, -0) "
+                              "is -0, maximum(-0, +0) is +0), in every dtype.",
+                    [((0.0, -0.0), -0.0), ((-0.0, 0.0), 0.0), ((_nan, 1.0), _nan),
+                     ((1.0, _nan), _nan), ((-_inf, 1.0), 1.0)]),
+    Op.MIN: _binary(_minimum, "NaN if either operand is NaN, else the smaller; on a tie the "
+                              "second operand (minimum(+0, -0) is -0, minimum(-0, +0) is +0), "
+                              "in every dtype.",
+                    [((0.0, -0.0), -0.0), ((-0.0, 0.0), 0.0), ((_nan, 1.0), _nan),
+                     ((1.0, _nan), _nan), ((_inf, 1.0), 1.0)]),
+    Op.CMPLT: _binary(np.less, "a < b, ordered: false when either is NaN; -0 < +0 is false.",
+                      [((-0.0, 0.0), 0.0), ((_nan, 1.0), 0.0), ((1.0, _nan), 0.0),
+                       ((-_inf, _inf), 1.0)], result=Result.BOOL),
+    Op.WHERE: OpInfo(
+        Kind.ELEMENTWISE, 3, ANY, Result.OPERAND, np.where,
+        "cond ? a : b, with the chosen operand's bits (signed zeros and NaN kept).",
+        [((1.0, -0.0, 1.0), -0.0), ((0.0, 1.0, _nan), _nan)], condition=True,
+    ),
+    Op.SUM: OpInfo(
+        Kind.REDUCE, 1, frozenset({DType.F64}), Result.OPERAND, _sum,
+        "The float64 sum over the tensor's elements, from +0 in an unspecified order: a NaN "
+        "or both infinities give NaN, zeros (even all -0) and an empty tensor +0.",
+        [((-0.0, -0.0), 0.0), ((1.0, _nan), _nan), ((_inf, -_inf), _nan), ((_inf, 1.0), _inf),
+         ((1.0, 2.0), 3.0)],
+    ),
+}
+"""The record of every op."""
+
+LEAVES = frozenset(op for op, info in OPS.items() if info.kind is Kind.LEAF)
+
+assert OPS.keys() == set(Op), "every op needs its record"
+
+
+def accepted(dtypes: Iterable[DType]) -> str:
+    """Dtype names for an error message, in DType order."""
+    wanted = set(dtypes)
+    return ", ".join(str(d) for d in DType if d in wanted)

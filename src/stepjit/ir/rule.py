@@ -23,11 +23,17 @@ from .ops import LEAVES, Op
 
 @dataclass(frozen=True)
 class Slot:
-    """A tensor the rule reads and/or writes, one element at a time."""
+    """A tensor the rule reads and/or writes, one element at a time.
+
+    `init` is where a state buffer starts (every slot but `param` and `grad` is one): a number,
+    or the name of a group hyperparameter whose value fills it (Adagrad's
+    `initial_accumulator_value`). It never reaches a kernel: buffers are filled when created.
+    """
 
     name: str
     dtype: DType
     written: bool = False
+    init: float | str = 0.0
 
 
 class UpdateRule:

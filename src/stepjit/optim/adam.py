@@ -7,25 +7,12 @@ import numbers
 
 import numpy as np
 
-from ..ir import DType, Expr, Slot, UpdateRule, maximum, per_tensor, scalar, sqrt, tensor, where
+from ..ir import DType, Expr, Slot, UpdateRule, maximum, per_tensor, scalar, sqrt, tensor
 from .optimizer import Optimizer, check_number, check_scale_and_clip
-from .sgd import l2_norm
+from .prologue import clips, decays, prologue, prologue_scalars
+from .registry import register
 
 F64 = DType.F64
-
-
-def scale_and_clip(g: Expr, clip: bool) -> Expr:
-    """`scale * g`, then clipped to the L2 norm `clip_norm` over the tensor when `clip` is on.
-
-    The norm is that of the scaled gradient, summed in float64 (as in SGD); the clip factor
-    `clip_norm / ||g||` applies only when the norm exceeds `clip_norm`.
-    """
-    g = scalar("scale", g.dtype) * g
-    if clip:
-        c = scalar("clip_norm", F64)
-        n = l2_norm(g)
-        g = g * where(n > c, c / n, 1.0).cast(g.dtype)
-    return g
 
 
 def lerp(start: Expr, end: Expr, weight: Expr) -> Expr:
@@ -76,14 +63,11 @@ def adam_rule(
     `decay` is L2 decay added to the gradient (Adam); `decoupled_decay` multiplies the parameter
     by `1 - lr * weight_decay` first (AdamW).
     """
-    cty = param_dtype.compute
-    p = tensor("param", param_dtype).cast(cty)
-    g = scale_and_clip(tensor("grad", grad_dtype).cast(cty), clip)
-    if decay:
-        g = g + scalar("weight_decay", cty) * p
+    pro = prologue(param_dtype, grad_dtype, clip=clip, decay=decay)
+    cty, p, g = pro.compute, pro.param, pro.grad
     if decoupled_decay:
         # torch computes 1 - lr * weight_decay in double, then rounds it once
-        shrink = 1.0 - scalar("lr", F64) * scalar("weight_decay", F64)
+        shrink = 1.0 - scalar("lr", F64) * pro.weight_decay
         p = p * shrink.cast(cty)
     # 1 - beta in double, rounded once (as torch's scalar arguments are)
     beta1, beta2 = scalar("beta1", F64), scalar("beta2", F64)
@@ -114,6 +98,7 @@ def adam_rule(
     return UpdateRule(f"{name}_{param_dtype}_{grad_dtype}", slots, outputs)
 
 
+@register("adam")
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba, 2015) with AMSGrad and L2 or decoupled decay, as torch.optim.Adam.
 
@@ -190,15 +175,13 @@ class Adam(Optimizer):
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_not_maximizing(group)
 
+    examples = {"amsgrad": (False, True), "weight_decay": (0.0, 0.01),
+                "decoupled_weight_decay": (False, True), "clip_norm": (0.0, 1.0),
+                "betas": ((0.8, 0.9),), "eps": (1e-3,), "scale": (0.5,)}
+
     def structure(self, group: dict) -> tuple:
-        decay = group["weight_decay"] * group["decay_mult"] > 0
-        decoupled = group["decoupled_weight_decay"]
-        return (
-            group["amsgrad"],
-            decay and not decoupled,
-            decay and decoupled,
-            group["clip_norm"] > 0,
-        )
+        decay, decoupled = decays(group), group["decoupled_weight_decay"]
+        return (group["amsgrad"], decay and not decoupled, decay and decoupled, clips(group))
 
     def rule(self, structure: tuple, param_dtype: DType, grad_dtype: DType) -> UpdateRule:
         return adam_rule(*structure, param_dtype, grad_dtype)
@@ -206,13 +189,10 @@ class Adam(Optimizer):
     def scalars(self, group: dict) -> dict[str, float]:
         beta1, beta2 = group["betas"]
         return {
-            "lr": float(group["lr"]) * float(group["lr_mult"]),
-            "weight_decay": float(group["weight_decay"]) * float(group["decay_mult"]),
+            **prologue_scalars(group),
             "beta1": float(beta1),
             "beta2": float(beta2),
             "eps": float(group["eps"]),
-            "scale": float(group["scale"]),
-            "clip_norm": float(group["clip_norm"]),
         }
 
     def tensor_values(self, group: dict, step: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,6 +204,7 @@ class Adam(Optimizer):
         }
 
 
+@register("adamw")
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay, as torch.optim.AdamW.
 

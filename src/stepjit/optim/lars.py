@@ -6,7 +6,8 @@ import functools
 
 from ..ir import DType, Slot, UpdateRule, per_tensor, scalar, tensor, where
 from .optimizer import Optimizer, check_number, check_scale_and_clip, required
-from .sgd import l2_norm
+from .prologue import clips, decays, l2_norm, prologue, prologue_scalars
+from .registry import register
 
 F64 = DType.F64
 
@@ -26,25 +27,14 @@ def lars_rule(
     Scalars: lr and weight_decay (already times lr_mult and decay_mult), momentum, trust_coef,
     scale, clip_norm. Per tensor: `first`, true on a buffer's first step.
     """
-    cty = param_dtype.compute
-    p = tensor("param", param_dtype).cast(cty)
-    g = scalar("scale", cty) * tensor("grad", grad_dtype).cast(cty)
-    g_norm = l2_norm(g)
-    if clip:
-        c = scalar("clip_norm", F64)
-        factor = where(g_norm > c, c / g_norm, 1.0)
-        g = g * factor.cast(cty)
-        g_norm = g_norm * factor
+    pro = prologue(param_dtype, grad_dtype, clip=clip, decay=decay)
+    cty, p, g, g_norm = pro.compute, pro.param, pro.grad, pro.norm
     p_norm = l2_norm(p)
-    denom = g_norm
-    if decay:
-        wd = scalar("weight_decay", F64)
-        denom = g_norm + wd * p_norm
-        g = g + wd.cast(cty) * p
+    denom = g_norm + pro.weight_decay * p_norm if decay else g_norm
     trust = scalar("trust_coef", F64) * p_norm / denom
     ratio = where(p_norm > 0, where(g_norm > 0, trust, 1.0), 1.0)
     g = g * ratio.cast(cty)
-    lr = scalar("lr", cty)
+    lr = pro.lr
     slots = [Slot("param", param_dtype, written=True), Slot("grad", grad_dtype)]
     outputs = {}
     if momentum:
@@ -62,6 +52,7 @@ def lars_rule(
     return UpdateRule(f"{name}_{param_dtype}_{grad_dtype}", slots, outputs)
 
 
+@register("lars")
 class LARS(Optimizer):
     r"""LARS: SGD with momentum whose step is scaled per tensor by a trust ratio.
 
@@ -129,22 +120,18 @@ class LARS(Optimizer):
         check_number("weight_decay", group["weight_decay"])
         check_scale_and_clip(group)
 
+    examples = {"momentum": (0.0, 0.9), "weight_decay": (0.0, 0.01), "clip_norm": (0.0, 1.0),
+                "trust_coef": (0.02,), "scale": (0.5,)}
+
     def structure(self, group: dict) -> tuple:
-        return (
-            group["momentum"] > 0,
-            group["weight_decay"] * group["decay_mult"] > 0,
-            group["clip_norm"] > 0,
-        )
+        return (group["momentum"] > 0, decays(group), clips(group))
 
     def rule(self, structure: tuple, param_dtype: DType, grad_dtype: DType) -> UpdateRule:
         return lars_rule(*structure, param_dtype, grad_dtype)
 
     def scalars(self, group: dict) -> dict[str, float]:
         return {
-            "lr": float(group["lr"]) * float(group["lr_mult"]),
-            "weight_decay": float(group["weight_decay"]) * float(group["decay_mult"]),
+            **prologue_scalars(group),
             "momentum": float(group["momentum"]),
             "trust_coef": float(group["trust_coef"]),
-            "scale": float(group["scale"]),
-            "clip_norm": float(group["clip_norm"]),
         }

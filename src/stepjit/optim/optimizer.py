@@ -3,19 +3,23 @@
 A subclass says *what* the update is; this class does the rest:
 
     class MyOpt(Optimizer):
+        examples = {"momentum": (0.0, 0.9)}        # values that reach every structure (tools)
         def check_group(self, group): ...          # raise ValueError on a bad hyperparameter
         def structure(self, group): ...            # hashable: which terms are on
         def rule(self, structure, param_dtype, grad_dtype) -> UpdateRule: ...
         def scalars(self, group) -> dict: ...      # numeric hyperparameters, by rule scalar name
 
-Slots of the rule other than "param" and "grad" are state buffers: created zero-filled in the
-compute dtype on a tensor's first step (the rule's per-tensor value `first` is then true) and
-stored in `self.state[param][slot]`.
+Slots of the rule other than "param" and "grad" are state buffers: created on a tensor's first
+step, filled with the slot's `init` (zero unless the rule says otherwise; the rule's per-tensor
+value `first` is then true), and stored in `self.state[param][slot]`.
 
-`step()` works in two phases. First every group is checked (hyperparameters, and every tensor when
-its launch table must be rebuilt) and nothing is written; then each group's kernels run, one launch
-per (param dtype, grad dtype) combination. Launch tables are cached and rebuilt only when a
-`.data` or `.grad` is reassigned, state is created or loaded, or the structure changes.
+`step()` never writes before everything is checked: every group's hyperparameters and kernel
+arguments, then (when a launch table must be rebuilt) every tensor and state buffer, with new
+state allocated aside and the memory of all groups checked for overlaps; only then is state
+stored and are the kernels run, one launch per (group, param dtype, grad dtype). Launch tables are
+cached and rebuilt only when a `.data` or `.grad` is reassigned, state is created or loaded, or
+the structure changes. A launch is driven only through its declared methods (`Launch` in
+`runtime.backend`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from .. import parameter as _parameter
 from ..ir import DType, Slot, UpdateRule, per_tensor, tensor, where
+from ..ir.ops import Op
 from ..parameter import Parameter
 from ..runtime import arrays
 from ..runtime.backend import Backend, Launch
@@ -60,10 +65,24 @@ class _Plan:
     """The cached launches of one group, valid while `token` is unchanged."""
 
     kind: str
-    token: tuple
+    token: tuple  # what must not change for the plan to hold (see `_plans_for`)
+    generation: int  # Parameter assignments seen (`parameter.generation`)
+    addresses: tuple | None  # torch tensors: where each gradient and tensor lived
     batches: list[_Batch] = field(default_factory=list)
-    params: frozenset = frozenset()
-    spans: list[tuple] = field(default_factory=list)  # the memory it touches: see check_disjoint
+    params: frozenset = frozenset()  # those with a gradient, bound in `batches`
+    members: frozenset = frozenset()  # every parameter of the group
+    rows: dict = field(default_factory=dict)  # param -> (batch, row, index in group, .data)
+    spans: Spans | None = None  # the memory it touches, one row per (tensor, slot)
+    spans_offset: list[int] = field(default_factory=list)  # first row of each batch in `spans`
+
+
+@dataclass
+class Spans:
+    """Memory ranges of a plan's arrays: `table` rows are (start, end, written), `labels` say
+    whose (group/parameter text, slot name) and are formatted only when two clash."""
+
+    table: np.ndarray
+    labels: list[tuple]
 
 
 @dataclass
@@ -72,6 +91,7 @@ class _Draft:
 
     rule: UpdateRule
     params: list
+    indices: list[int]  # of each parameter in its group
     per_tensor: np.ndarray
     first_column: int | None
     tensors: list[tuple] = field(default_factory=list)
@@ -108,7 +128,7 @@ class Optimizer:
         self._plans: dict[tuple, _Plan] = {}
         self._rules: dict[tuple, UpdateRule] = {}
         self._requested_backend = backend
-        self._has_torch = False
+        self._untracked = False  # parameters whose .grad/.data change unannounced
         self._members = {p for g in param_groups for p in g["params"]}
         self._exclusive = Exclusive(type(self).__name__)
 
@@ -122,7 +142,7 @@ class Optimizer:
             for i, p in enumerate(group["params"]):
                 _check_param(f"param group {index}, parameter {i}", p)
             self._check_group(index, group)
-        self._has_torch = any(arrays.is_torch(p) for g in param_groups for p in g["params"])
+        self._untracked = any(arrays.is_parameter(p) for g in param_groups for p in g["params"])
         self._backend = self._select_backend()
         return self
 
@@ -134,6 +154,10 @@ class Optimizer:
             self._state_gen += 1
 
     # -- the subclass interface ------------------------------------------------------------------
+    examples: dict[str, tuple] = {}
+    """Values of hyperparameters that together turn every term of the rule on and off (the
+    tools enumerate the structures they reach: see `registry.structures`)."""
+
     counts_steps: bool = False
     """Keep a per-parameter step count in `state[param]["step"]` (Adam's bias corrections)."""
 
@@ -198,7 +222,7 @@ class Optimizer:
             select_backend(self._requested_backend, devices)
         self.param_groups.append(group)
         self._members.update(params)
-        self._has_torch = self._has_torch or any(map(arrays.is_torch, params))
+        self._untracked = self._untracked or any(map(arrays.is_parameter, params))
         self._state_gen += 1
 
     def step(self) -> None:
@@ -340,63 +364,126 @@ class Optimizer:
         the memory of all groups is checked for aliasing and every launch is bound; only then
         are the new state buffers, step counts and plans stored.
         """
+        generation = _parameter.generation()
         ready: list[_Plan | None] = []
-        todo = []
+        todo, refreshed = [], []
         for index, group in enumerate(self.param_groups):
             structure = self.structure(group) if kind == "step" else None
-            token = (
-                _parameter.generation(),
-                self._state_gen,
-                structure,
-                pending if kind == "step" else None,
-                id(group["params"]),
-                len(group["params"]),
-                # torch sets .grad (and may move .data) behind our back: compare them
-                _torch_fingerprint(group["params"]) if self._has_torch else None,
-            )
+            params = group["params"]
+            token = (self._state_gen, structure, pending if kind == "step" else None,
+                     id(params), len(params))
+            # torch sets .grad (and may move .data) behind our back: compare addresses
+            addresses = arrays.addresses(params) if self._untracked else None
             plan = self._plans.get((kind, index))
             if plan is not None and plan.token == token:
-                ready.append(plan)
-            else:
-                ready.append(None)
-                todo.append((index, token, structure))
+                if plan.generation == generation and plan.addresses == addresses:
+                    ready.append(plan)
+                    continue
+                staged = self._stage_refresh(kind, index, plan, pending, addresses)
+                if staged is not None:
+                    ready.append(plan)
+                    refreshed.append((plan, staged, generation, addresses))
+                    continue
+            ready.append(None)
+            todo.append((index, token, structure, addresses))
         drafts = {
             index: self._draft(kind, index, structure, pending)
-            for index, _, structure in todo
+            for index, _, structure, _ in todo
         }
         for index, values in enumerate(scalars or ()):
             rules = [d.rule for d in drafts[index]] if index in drafts else [
                 b.rule for b in ready[index].batches]
             _check_scalars(index, rules, values)
-        if not todo:
+        if not todo and not refreshed:
             return ready
+        refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed}
+        built_spans = {index: _join_spans([d.spans for d in drafts[index]])
+                       for index, _, _, _ in todo}
         if kind != "zero":  # zero_grad writes zeros: overlapping gradients are harmless there
-            spans = [s for plan in ready if plan is not None for s in plan.spans]
-            spans += [s for batch_drafts in drafts.values() for d in batch_drafts for s in d.spans]
-            check_disjoint(spans)
+            check_disjoint([refreshed_spans.get(id(plan), plan.spans) for plan in ready
+                            if plan is not None] + list(built_spans.values()))
         built = {}
-        for index, token, _ in todo:
-            plan = _Plan(kind, token)
+        for index, token, _, addresses in todo:
+            plan = _Plan(kind, token, generation, addresses, spans=built_spans[index],
+                         members=frozenset(self.param_groups[index]["params"]))
+            plan.spans_offset = list(np.cumsum([0] + [len(d.spans) for d in drafts[index]]))
             for d in drafts[index]:
                 launch = self._backend.bind(self._backend.compile(d.rule), d.tensors, d.per_tensor)
-                if self._has_torch:  # the token's address check stands in for the references
+                if self._untracked:  # the token's address check stands in for the references
                     launch.forget("grad")
+                for j, (p, i) in enumerate(zip(d.params, d.indices)):
+                    plan.rows[p] = (len(plan.batches), j, i, _array(p))
                 plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column))
-                plan.spans.extend(d.spans)
-            plan.params = frozenset(p for b in plan.batches for p in b.params)
+            plan.params = frozenset(plan.rows)
             built[index] = plan
         # commit: nothing below can fail on bad input
+        for plan, (spans, repoints), generation_, addresses in refreshed:
+            for b, rows, grads in repoints:
+                plan.batches[b].launch.repoint("grad", rows, grads)
+            plan.spans, plan.generation, plan.addresses = spans, generation_, addresses
         for index, plan in built.items():
             for d in drafts[index]:
                 for p, name, buf in d.new_state:
                     self.state.setdefault(p, {})[name] = buf
                 for p, buf in d.new_accum:
                     self._accum[p] = buf
+                if d.new_accum:
+                    self._state_gen += 1  # the step's tables read the accumulations
             if kind == "step" and self.counts_steps:
                 for b in plan.batches:
                     b.steps = self._step_counts(b.params)
             self._plans[(kind, index)] = ready[index] = plan
         return ready
+
+    def _stage_refresh(self, kind: str, index: int, plan: _Plan, pending: frozenset,
+                       addresses: tuple | None):
+        """When only some gradients were replaced (same dtypes, no gradient appeared or went
+        away, no `.data` moved), check just those and say how to re-point the launches:
+        (new spans, [(batch, rows, gradients)]). None when the plan must be rebuilt."""
+        if not all(b.launch.can_repoint for b in plan.batches):
+            return None
+        changed = _changed_params(plan, addresses, self.param_groups[index]["params"])
+        if changed is None:
+            return None
+        table = plan.spans.table.copy()
+        moves: dict[int, tuple[list, list]] = {}
+        for p in changed:
+            loc = plan.rows.get(p)
+            if loc is None:
+                if p in plan.members and (p.grad is not None or p in pending):
+                    return None  # a parameter gained a gradient: a new row
+                continue
+            b, j, i, bound_data = loc
+            batch = plan.batches[b]
+            k = [slot.name for slot in batch.rule.slots].index("grad")
+            if kind != "zero" and _array(p) is not bound_data:
+                return None  # .data moved: its state needs a check
+            if kind == "step" and p in pending:
+                if self._accum.get(p) is not batch.launch.held[j][k]:
+                    return None
+                continue  # its gradient is the accumulation, which did not move
+            grad, data = p.grad, _array(p)
+            if grad is None:
+                return None  # a gradient went away: one row fewer
+            where_ = f"param group {index}, parameter {i}"
+            if kind == "zero":  # the table holds the old gradient's size: keep to it
+                bound = batch.launch.held[j][k]  # None for torch, whose gradients fit .data
+                size = arrays.numel(data if bound is None else bound)
+                if (_check_gradient(where_, grad) is not batch.rule.slots[k].dtype
+                        or tuple(grad.shape) != tuple((data if bound is None else bound).shape)
+                        or arrays.numel(grad) != size):
+                    return None
+            else:
+                _, gd, (_, span) = _check_tensor_pair(where_, data, grad)
+                if gd is not batch.rule.slots[k].dtype:
+                    return None
+                row = plan.spans_offset[b] + j * len(batch.rule.slots) + k
+                table[row, 0], table[row, 1] = span
+            rows, grads = moves.setdefault(b, ([], []))
+            rows.append(j)
+            grads.append(grad)
+        spans = Spans(table, plan.spans.labels)
+        return spans, [(b, rows, grads) for b, (rows, grads) in moves.items()]
 
     def _draft(self, kind: str, index: int, structure, pending: frozenset) -> list[_Draft]:
         """Check one group's tensors and state and say what its launches need, changing nothing."""
@@ -418,7 +505,7 @@ class Optimizer:
             else:
                 what = "accumulated gradient" if accumulated else "gradient"
                 pd, gd, spans = _check_tensor_pair(where_, data, grad, what)
-            by_dtypes.setdefault((pd, gd), []).append((where_, p, data, grad, spans))
+            by_dtypes.setdefault((pd, gd), []).append((where_, i, p, data, grad, spans))
         drafts = []
         for (pd, gd), items in by_dtypes.items():
             if kind == "zero":
@@ -429,16 +516,18 @@ class Optimizer:
                 rule = self._rules.get((structure, pd, gd))
                 if rule is None:  # trace once per structure: rebuilds of the table reuse it
                     rule = self._rules[(structure, pd, gd)] = self.rule(structure, pd, gd)
-            drafts.append(self._draft_batch(kind, rule, items, pending))
+            drafts.append(self._draft_batch(kind, index, rule, items, pending))
         return drafts
 
-    def _draft_batch(self, kind: str, rule: UpdateRule, items: list, pending: frozenset):
+    def _draft_batch(self, kind: str, index: int, rule: UpdateRule, items: list,
+                     pending: frozenset):
         """The tensors of one launch, state checked against its parameter, new state aside."""
         names = rule.per_tensor_names
         col = names.index("first") if "first" in names else None
         pt = np.zeros((len(items), len(rule.per_tensor)), np.float64)
-        d = _Draft(rule, [item[1] for item in items], pt, col)
-        for j, (where_, p, data, grad, spans) in enumerate(items):
+        d = _Draft(rule, [item[2] for item in items], [item[1] for item in items], pt, col)
+        group = self.param_groups[index]
+        for j, (where_, _, p, data, grad, spans) in enumerate(items):
             found = {"param": data, "grad": grad}
             if kind == "accumulate":
                 buf = self._accum.get(p)
@@ -458,7 +547,7 @@ class Optimizer:
                 for slot in rule.slots[2:]:  # the state buffers
                     buf = st.get(slot.name)
                     if buf is None:
-                        buf = arrays.zeros(data, tuple(data.shape), slot.dtype)
+                        buf = _new_state(data, slot, group)
                         d.new_state.append((p, slot.name, buf))
                         if col is not None:
                             pt[j, col] = 1.0
@@ -474,11 +563,10 @@ class Optimizer:
             d.tensors.append(arrays_)
             if kind == "zero":
                 continue
-            # where_ and the slot name are formatted only when two spans clash
-            for (start, end), slot in zip(spans, rule.slots):
-                d.spans.append((start, end, slot.written, where_, slot.name))
-            for slot, a in zip(rule.slots[2:], arrays_[2:]):
-                start, end = arrays.byte_span(a)
+            # one row per slot, in slot order; where_ and the slot are formatted only on a clash
+            known = dict(zip(("param", "grad"), spans))
+            for slot, a in zip(rule.slots, arrays_):
+                start, end = known.get(slot.name) or arrays.byte_span(a)
                 d.spans.append((start, end, slot.written, where_, slot.name))
         return d
 
@@ -531,14 +619,19 @@ _LIMITS: dict[UpdateRule, tuple] = {}
 
 
 def _limits(rule: UpdateRule) -> tuple:
-    """(name, smallest normal, largest finite) of each scalar computed in a narrow type."""
+    """(name, dtype, smallest normal, largest finite) of each scalar that is computed in, or cast
+    to, a type narrower than float64."""
     found = _LIMITS.get(rule)
     if found is None:
+        narrow = {}
+        for n in rule.nodes:
+            leaf = n.src[0] if n.op is Op.CAST and n.src[0].op is Op.SCALAR else n
+            if leaf.op is Op.SCALAR and n.dtype.is_float and n.dtype is not DType.F64:
+                narrow.setdefault((leaf.arg, n.dtype), None)
         found = []
-        for name, dt in rule.scalars:
-            if dt.is_float and dt is not DType.F64:
-                info = np.finfo(dt.to_numpy())
-                found.append((name, dt, float(info.smallest_normal), float(info.max)))
+        for name, dt in narrow:
+            info = np.finfo(dt.to_numpy())
+            found.append((name, dt, float(info.smallest_normal), float(info.max)))
         found = _LIMITS[rule] = tuple(found)
     return found
 
@@ -546,6 +639,10 @@ def _limits(rule: UpdateRule) -> tuple:
 def _check_scalars(index: int, rules: list[UpdateRule], values: dict[str, float]) -> None:
     """Raise ValueError for a kernel argument that the type it is computed in cannot hold: one
     that would become infinite, or so small it would be a denormal or zero."""
+    for name, value in values.items():
+        if not math.isfinite(value):  # e.g. lr * lr_mult beyond float64
+            raise ValueError(f"param group {index}: {name} = {value} is not finite (a product of "
+                             "hyperparameters, such as lr * lr_mult, overflowed)")
     for rule in rules:
         for name, dt, low, high in _limits(rule):
             v = abs(values[name])
@@ -562,42 +659,17 @@ def _is_tensor_like(x: object) -> bool:
 
 
 def _is_param(x: object) -> bool:
-    return isinstance(x, Parameter) or arrays.is_torch(x)
+    return isinstance(x, Parameter) or arrays.is_parameter(x)
 
 
 def _array(p):
-    """The array holding a parameter's values: a Parameter's `.data`, or the torch tensor itself."""
+    """The array holding a parameter's values: a Parameter's `.data`, or the tensor itself."""
     return p.data if isinstance(p, Parameter) else p
 
 
 def _check_param(where_: str, p) -> None:
-    if isinstance(p, Parameter):
-        return
-    if arrays.is_torch(p):
-        if (problem := arrays.adapter(p).unsupported(p)) is not None:
-            raise ValueError(f"{where_}: {problem}")
-        if not p.is_leaf:
-            raise ValueError(f"{where_}: the torch tensor is not a leaf (it is computed from "
-                             "other tensors); optimize the leaf tensors it comes from")
-        if not p.requires_grad:
-            raise ValueError(f"{where_}: the torch tensor does not require grad")
-        return
-    raise TypeError(f"{where_}: expected stepjit.Parameter or a torch tensor, "
-                    f"got {arrays.type_name(p)}")
-
-
-def _torch_fingerprint(params) -> tuple:
-    """What torch may change without telling us: where each gradient and parameter lives.
-
-    Launch tables of torch groups do not keep gradients alive (`Launch.forget`), so that
-    `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. A gradient at the
-    same address is then as good as the old one: torch keeps a gradient's shape, dtype and device
-    equal to its parameter's.
-    """
-    try:
-        return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr()) for p in params])
-    except RuntimeError:  # a gradient without storage (sparse): a rebuild's checks name it
-        return (object(),)
+    if not isinstance(p, Parameter):
+        arrays.check_parameter(where_, p)
 
 
 def _check_gradient(where_: str, grad) -> DType:
@@ -647,6 +719,15 @@ def _check_tensor_pair(where_: str, data, grad, what: str = "gradient") -> tuple
     return pd, gd, spans
 
 
+def _new_state(data, slot: Slot, group: dict):
+    """A new state buffer for parameter array `data`, filled with the slot's initial value."""
+    buf = arrays.zeros(data, tuple(data.shape), slot.dtype)
+    value = group[slot.init] if isinstance(slot.init, str) else slot.init
+    if value:
+        buf[...] = float(value)
+    return buf
+
+
 _SLOT_NAMES = {"param": "parameter", "grad": "gradient", "accum": "accumulated gradient"}
 
 
@@ -689,17 +770,27 @@ def _state_array(where_: str, what: str, buf, data, dt: DType) -> tuple[object, 
     return converted, True
 
 
-def check_disjoint(spans: list[tuple]) -> None:
+def _join_spans(parts: list[list[tuple]]) -> Spans:
+    """Spans from draft tuples (start, end, written, where, slot), in order."""
+    rows = [s for part in parts for s in part]
+    table = np.array([s[:3] for s in rows], dtype=np.uint64).reshape(len(rows), 3)
+    return Spans(table, [s[3:] for s in rows])
+
+
+def check_disjoint(parts: list[Spans]) -> None:
     """Raise ValueError naming two memory ranges that overlap where at least one is written.
 
-    `spans` holds (start, end, written, where, slot) for every non-empty array of the launches
-    of a step; sorting by start finds a clash in O(n log n) without comparing every pair.
+    Sorting every range by its start finds a clash in O(n log n) without comparing every pair;
+    empty ranges touch nothing.
     """
-    spans = [s for s in spans if s[1] > s[0]]  # empty arrays touch nothing
-    if len(spans) < 2:
+    parts = [p for p in parts if len(p.table)]
+    if not parts:
         return
-    table = np.array([s[:3] for s in spans], dtype=np.uint64)
-    order = np.argsort(table[:, 0], kind="stable")
+    table = np.concatenate([p.table for p in parts])
+    keep = np.flatnonzero(table[:, 1] > table[:, 0])
+    if len(keep) < 2:
+        return
+    order = keep[np.argsort(table[keep, 0], kind="stable")]
     start, end, written = table[order, 0], table[order, 1], table[order, 2].astype(bool)
     zero = np.zeros(1, np.uint64)
     ended = np.concatenate((zero, np.maximum.accumulate(end)[:-1]))
@@ -709,14 +800,34 @@ def check_disjoint(spans: list[tuple]) -> None:
         return
     i = int(np.argmax(clash))
     j = next(j for j in range(i) if end[j] > start[i] and (written[i] or written[j]))
-    a, b = spans[order[j]], spans[order[i]]
-    def name(s: tuple) -> str:
-        return s[3] if s[4] == "param" else f"{s[3]} ({_SLOT_NAMES.get(s[4], f'state {s[4]!r}')})"
+    labels = [label for p in parts for label in p.labels]
+
+    def name(row: int) -> str:
+        where_, slot = labels[row]
+        what = _SLOT_NAMES.get(slot, f"state {slot!r}")
+        return where_ if slot == "param" else f"{where_} ({what})"
 
     raise ValueError(
-        f"{name(a)} and {name(b)} overlap in memory; every array a step writes must be disjoint "
-        "from every other array of the step (all groups): pass separate arrays"
+        f"{name(order[j])} and {name(order[i])} overlap in memory; every array a step writes must "
+        "be disjoint from every other array of the step (all groups): pass separate arrays"
     )
+
+
+def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list | None:
+    """The parameters whose `.grad` or `.data` may have changed since `plan` was built or
+    refreshed, or None when a rebuild is simpler (a tensor moved, too long ago to tell)."""
+    changed = _parameter.changed_since(plan.generation)
+    if changed is None:
+        return None
+    if addresses is not None:
+        if len(addresses) != len(plan.addresses):
+            return None
+        for i, (now, then) in enumerate(zip(addresses, plan.addresses)):
+            if now != then:
+                if now[1] != then[1]:  # the tensor's own memory moved
+                    return None
+                changed.append(params[i])
+    return changed
 
 
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 
 from ..ir import DType, Slot, UpdateRule, scalar, sqrt, tensor
-from .adam import check_flag, check_not_maximizing, lerp, scale_and_clip
+from .adam import check_flag, check_not_maximizing, lerp
 from .optimizer import Optimizer, check_number, check_scale_and_clip
+from .prologue import clips, decays, prologue, prologue_scalars
+from .registry import register
 
 F64 = DType.F64
 
@@ -25,11 +27,8 @@ def rmsprop_rule(
     Scalars: lr and weight_decay (already times lr_mult and decay_mult), alpha, eps, momentum,
     scale, clip_norm.
     """
-    cty = param_dtype.compute
-    p = tensor("param", param_dtype).cast(cty)
-    g = scale_and_clip(tensor("grad", grad_dtype).cast(cty), clip)
-    if decay:
-        g = g + scalar("weight_decay", cty) * p
+    pro = prologue(param_dtype, grad_dtype, clip=clip, decay=decay)
+    cty, p, g = pro.compute, pro.param, pro.grad
     # 1 - alpha in double, rounded once (as torch's scalar argument is)
     alpha = scalar("alpha", F64)
     one_minus_alpha = (1.0 - alpha).cast(cty)
@@ -48,7 +47,7 @@ def rmsprop_rule(
     else:
         avg = sqrt(sq)
     avg = avg + scalar("eps", cty)
-    lr = scalar("lr", cty)
+    lr = pro.lr
     if momentum:
         buf = scalar("momentum", cty) * tensor("momentum_buffer", cty) + g / avg
         slots.append(Slot("momentum_buffer", cty, written=True))
@@ -64,6 +63,7 @@ def rmsprop_rule(
     return UpdateRule(f"{name}_{param_dtype}_{grad_dtype}", slots, outputs)
 
 
+@register("rmsprop")
 class RMSprop(Optimizer):
     r"""RMSprop (Hinton, 2012), centered (Graves, 2013) or not, as torch.optim.RMSprop.
 
@@ -139,24 +139,19 @@ class RMSprop(Optimizer):
         check_flag("centered", group["centered"])
         check_not_maximizing(group)
 
+    examples = {"momentum": (0.0, 0.5), "centered": (False, True), "weight_decay": (0.0, 0.01),
+                "clip_norm": (0.0, 1.0), "alpha": (0.9,), "eps": (1e-3,), "scale": (0.5,)}
+
     def structure(self, group: dict) -> tuple:
-        return (
-            group["momentum"] > 0,
-            group["centered"],
-            group["weight_decay"] * group["decay_mult"] > 0,
-            group["clip_norm"] > 0,
-        )
+        return (group["momentum"] > 0, group["centered"], decays(group), clips(group))
 
     def rule(self, structure: tuple, param_dtype: DType, grad_dtype: DType) -> UpdateRule:
         return rmsprop_rule(*structure, param_dtype, grad_dtype)
 
     def scalars(self, group: dict) -> dict[str, float]:
         return {
-            "lr": float(group["lr"]) * float(group["lr_mult"]),
-            "weight_decay": float(group["weight_decay"]) * float(group["decay_mult"]),
+            **prologue_scalars(group),
             "alpha": float(group["alpha"]),
             "eps": float(group["eps"]),
             "momentum": float(group["momentum"]),
-            "scale": float(group["scale"]),
-            "clip_norm": float(group["clip_norm"]),
         }

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, scalar, tensor, where
+from ..ir import DType, Slot, UpdateRule, per_tensor, scalar, tensor, where
 from .optimizer import Optimizer, check_number, check_scale_and_clip, required
-
-F64 = DType.F64
-
-
-def l2_norm(x: Expr) -> Expr:
-    """||x||_2 over the tensor, summed in float64 (a reduction in the IR)."""
-    x64 = x.cast(F64)
-    return (x64 * x64).sum().sqrt()
+from .prologue import clips, decays, prologue, prologue_scalars
+from .registry import register
 
 
 @functools.cache
@@ -27,20 +21,11 @@ def sgd_rule(
 ) -> UpdateRule:
     """The SGD update of one tensor, term by term as in the semantics.
 
-    Scalars (kernel arguments): lr (already times lr_mult), weight_decay (times decay_mult),
-    momentum, dampening, scale, clip_norm. Per tensor: `first`, true on a buffer's first step.
+    Scalars (kernel arguments): the prologue's (lr, weight_decay, scale, clip_norm), momentum,
+    dampening. Per tensor: `first`, true on a buffer's first step.
     """
-    cty = param_dtype.compute
-    p = tensor("param", param_dtype).cast(cty)
-    g = tensor("grad", grad_dtype).cast(cty)
-    g = scalar("scale", cty) * g
-    if clip:
-        c = scalar("clip_norm", F64)
-        n = l2_norm(g)
-        g = g * where(n > c, c / n, 1.0).cast(cty)
-    if weight_decay:
-        g = g + scalar("weight_decay", cty) * p
-    lr = scalar("lr", cty)
+    pro = prologue(param_dtype, grad_dtype, clip=clip, decay=weight_decay)
+    cty, g = pro.compute, pro.grad
     slots = [Slot("param", param_dtype, written=True), Slot("grad", grad_dtype)]
     outputs = {}
     if momentum:
@@ -49,10 +34,10 @@ def sgd_rule(
         b = where(per_tensor("first", DType.BOOL), g, mu * buf + (1.0 - d) * g)
         slots.append(Slot("momentum_buffer", cty, written=True))
         outputs["momentum_buffer"] = b
-        u = lr * (g + mu * b) if nesterov else lr * b
+        u = pro.lr * (g + mu * b) if nesterov else pro.lr * b
     else:
-        u = lr * g
-    outputs["param"] = (p - u).cast(param_dtype)
+        u = pro.lr * g
+    outputs["param"] = (pro.param - u).cast(param_dtype)
     name = "sgd" + "".join(
         f"_{term}" for term, on in
         (("momentum", momentum and not nesterov), ("nesterov", nesterov),
@@ -61,6 +46,7 @@ def sgd_rule(
     return UpdateRule(f"{name}_{param_dtype}_{grad_dtype}", slots, outputs)
 
 
+@register("sgd")
 class SGD(Optimizer):
     r"""Stochastic gradient descent: vanilla, momentum (Polyak) or Nesterov.
 
@@ -125,23 +111,18 @@ class SGD(Optimizer):
                 f"(got momentum={group['momentum']}, dampening={group['dampening']})"
             )
 
+    examples = {"momentum": (0.0, 0.9), "dampening": (0.0, 0.25), "nesterov": (False, True),
+                "weight_decay": (0.0, 0.01), "clip_norm": (0.0, 1.0), "scale": (0.5,)}
+
     def structure(self, group: dict) -> tuple:
-        return (
-            group["momentum"] > 0,
-            group["nesterov"],
-            group["weight_decay"] * group["decay_mult"] > 0,
-            group["clip_norm"] > 0,
-        )
+        return (group["momentum"] > 0, group["nesterov"], decays(group), clips(group))
 
     def rule(self, structure: tuple, param_dtype: DType, grad_dtype: DType) -> UpdateRule:
         return sgd_rule(*structure, param_dtype, grad_dtype)
 
     def scalars(self, group: dict) -> dict[str, float]:
         return {
-            "lr": float(group["lr"]) * float(group["lr_mult"]),
-            "weight_decay": float(group["weight_decay"]) * float(group["decay_mult"]),
+            **prologue_scalars(group),
             "momentum": float(group["momentum"]),
             "dampening": float(group["dampening"]),
-            "scale": float(group["scale"]),
-            "clip_norm": float(group["clip_norm"]),
         }

@@ -152,6 +152,32 @@ class _Torch:
     def copy(self, x):
         return x.detach().clone()
 
+    def check_parameter(self, where: str, x) -> None:
+        """Raise unless tensor `x` can be a parameter: dense, on cpu or cuda, a leaf that
+        requires grad."""
+        if (problem := self.unsupported(x)) is not None:
+            raise ValueError(f"{where}: {problem}")
+        if not x.is_leaf:
+            raise ValueError(f"{where}: the torch tensor is not a leaf (it is computed from "
+                             "other tensors); optimize the leaf tensors it comes from")
+        if not x.requires_grad:
+            raise ValueError(f"{where}: the torch tensor does not require grad")
+
+    @staticmethod
+    def addresses(params) -> tuple:
+        """What torch may change without telling us: where each gradient and tensor lives.
+
+        Launch tables of torch parameters do not keep gradients alive (`Launch.forget`), so that
+        `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. A gradient at
+        the same address is then as good as the old one: torch keeps a gradient's shape, dtype
+        and device equal to its parameter's.
+        """
+        try:
+            return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr())
+                          for p in params])
+        except RuntimeError:  # a gradient without storage (sparse): a rebuild's checks name it
+            return (object(),)
+
     def host_view(self, x) -> np.ndarray:
         t = _torch()
         x = x.detach()
@@ -198,9 +224,23 @@ def is_torch(x: object) -> bool:
     return a is not None and a.name == "torch"
 
 
-def is_cupy(x: object) -> bool:
-    a = adapter(x)
-    return a is not None and a.name == "cupy"
+def is_parameter(x: object) -> bool:
+    """Whether x is a tensor that is its own parameter (torch's), rather than an array a
+    `stepjit.Parameter` holds."""
+    return is_torch(x)
+
+
+def check_parameter(where: str, x) -> None:
+    """Raise TypeError or ValueError unless x can be updated as a parameter by itself."""
+    if not is_parameter(x):
+        raise TypeError(f"{where}: expected stepjit.Parameter or a torch tensor, "
+                        f"got {type_name(x)}")
+    _of(x).check_parameter(where, x)
+
+
+def addresses(params) -> tuple:
+    """Where the gradient and values of each tensor parameter live (see `_Torch.addresses`)."""
+    return _Torch.addresses(params)
 
 
 def type_name(x: object) -> str:

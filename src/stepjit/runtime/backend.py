@@ -3,10 +3,16 @@
     kernel = backend.compile(rule)                      # cached by rule.key (+ target)
     launch = backend.bind(kernel, tensors, per_tensor)  # the table: built once, reused
     launch(scalars)                                     # one step over every bound tensor
+    launch.set_per_tensor("first", 0.0)                 # read afresh at the next call
+    launch.forget("grad")                               # let the gradients be freed
+    launch.repoint("grad", rows, new_grads)             # new arrays, same tables
 
-`tensors` is a list, one entry per tensor, of arrays in the rule's slot order; `per_tensor` is a
-float64 array of shape (len(tensors), len(rule.per_tensor)) that the launch reads afresh at every
-call, so the optimizer can flip a per-tensor flag without rebuilding the table.
+`tensors` is a list, one entry per tensor, of arrays in the rule's slot order, each already
+checked by the caller against its parameter (shape, dtype, device, layout, overlaps); a launch
+checks again only what keeps memory safe (each array spans the bytes the kernel touches).
+`per_tensor` is a float64 array of shape (len(tensors), len(rule.per_tensor)). These methods are
+the whole contract between an optimizer and a launch: nothing outside a backend touches a
+launch's tables.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from ..ir import UpdateRule
 class Launch(abc.ABC):
     """A kernel bound to a fixed list of tensors."""
 
-    rule: UpdateRule
-    per_tensor: np.ndarray
+    def __init__(self, rule: UpdateRule, tensors: list[tuple], per_tensor: np.ndarray) -> None:
+        if per_tensor.shape != (len(tensors), len(rule.per_tensor)):
+            raise ValueError(f"{rule.name}: per_tensor has shape {per_tensor.shape}, expected "
+                             f"{(len(tensors), len(rule.per_tensor))}")
+        self.rule = rule
+        self.per_tensor = per_tensor
+        self.held = list(tensors)  # the tables hold raw addresses: keep the arrays alive
 
     @abc.abstractmethod
     def __call__(self, scalars: Sequence[float]) -> None:
@@ -36,6 +47,25 @@ class Launch(abc.ABC):
         if name in names:
             self.per_tensor[:, names.index(name)] = values
 
+    can_repoint: bool = False
+    """Whether `repoint` is supported (otherwise the caller binds a new launch)."""
+
+    def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
+        """Bind `tensors` in place of the arrays of `slot` at `rows` (same shapes and dtypes,
+        already checked by the caller): a gradient replaced by a new array of the same kind is
+        picked up without rebuilding the tables."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
+
+    def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence) -> int:
+        """Keep `tensors` alive in place of slot `slot`'s at `rows` (unless forgotten); the
+        slot's index."""
+        k = [s.name for s in self.rule.slots].index(slot)
+        for j, a in zip(rows, tensors):
+            held = self.held[j]
+            if held[k] is not None:
+                self.held[j] = held[:k] + (a,) + held[k + 1:]
+        return k
+
     def forget(self, slot: str) -> None:
         """Stop holding references to the arrays of `slot` (their pointers stay in the table).
 
@@ -44,7 +74,7 @@ class Launch(abc.ABC):
         memory the launch no longer needs can be freed and reused between steps.
         """
         k = [s.name for s in self.rule.slots].index(slot)
-        self._held = [t[:k] + (None,) + t[k + 1 :] for t in self._held]
+        self.held = [t[:k] + (None,) + t[k + 1 :] for t in self.held]
 
 
 class Backend(abc.ABC):

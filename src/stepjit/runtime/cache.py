@@ -229,9 +229,6 @@ class DiskCache:
             return None
         return d
 
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}{self.suffix}"
-
     def get(self, key: str) -> bytes | None:
         """The payload stored under `key`, or None (missing, not a private regular file, too
         large, or corrupt)."""

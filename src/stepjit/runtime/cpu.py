@@ -11,6 +11,7 @@ launch:   one native call per (group, dtype combination) over a table of every t
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import hashlib
 import logging
 import os
@@ -90,6 +91,43 @@ def _fingerprint() -> str:
     return hashlib.sha256(src + __version__.encode() + llvmlite.__version__.encode()).hexdigest()
 
 
+# -- the C math library, for the JIT ------------------------------------------------------------
+@cache
+def register_libm_symbols() -> tuple[str, ...]:
+    """Give the JIT the addresses of the C math functions kernels may call (LLVM lowers exp, log
+    and tanh to calls of expf, logf, tanhf, exp, log and tanh: `codegen.LIBM_SYMBOLS`), as this
+    process's C library provides them. Returns the names registered; one the library lacks stays
+    unresolved, and `_safe` refuses a kernel that needs it."""
+    registered = []
+    for name in codegen.LIBM_SYMBOLS:
+        function = _c_function(name)
+        if function is not None:
+            llvm.add_symbol(name, ctypes.cast(function, ctypes.c_void_p).value)
+            registered.append(name)
+    return tuple(registered)
+
+
+def _c_function(name: str):
+    """The C function `name` of this process, else of the C math library; None if neither."""
+    for library in ("process", "libm"):
+        function = getattr(_c_library(library), name, None)
+        if function is not None:
+            return function
+    return None
+
+
+@cache
+def _c_library(which: str) -> ctypes.CDLL | None:
+    """This process's own symbols ("process") or the C math library ("libm"), kept loaded."""
+    path = None if which == "process" else ctypes.util.find_library("m")
+    if which == "libm" and path is None:
+        return None
+    try:
+        return ctypes.CDLL(path)
+    except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
+        return None
+
+
 # -- compile stages (also used by `stepjit dump`) -----------------------------------------------
 @dataclass
 class Timings:
@@ -115,17 +153,26 @@ def lower_text(rule: UpdateRule, f16_native: bool | None = None) -> str:
     return str(module)
 
 
-def optimize(ir_text: str) -> llvm.ModuleRef:
-    """Parse and optimize (O3 for the host CPU) LLVM IR text."""
+def parse(ir_text: str) -> llvm.ModuleRef:
+    """Parse and verify LLVM IR text."""
     mod = llvm.parse_assembly(ir_text)
     mod.verify()
-    tm = _target_machine()
+    return mod
+
+
+def run_passes(mod: llvm.ModuleRef) -> llvm.ModuleRef:
+    """Optimize a module in place (O3 for the host CPU, loop and SLP vectorization)."""
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
     pto.slp_vectorization = True
-    pb = llvm.create_pass_builder(tm, pto)
+    pb = llvm.create_pass_builder(_target_machine(), pto)
     pb.getModulePassManager().run(mod, pb)
     return mod
+
+
+def optimize(ir_text: str) -> llvm.ModuleRef:
+    """Parse and optimize (O3 for the host CPU) LLVM IR text."""
+    return run_passes(parse(ir_text))
 
 
 def assembly(rule: UpdateRule, f16_native: bool | None = None) -> str:
@@ -149,6 +196,7 @@ class LLVMBackend(Backend):
     name = "llvm"
 
     def __init__(self, f16_native: bool | None = None) -> None:
+        register_libm_symbols()
         self.target = host_target()
         self.f16_native = self.target.f16_native if f16_native is None else f16_native
         self._lock = threading.Lock()
@@ -219,14 +267,9 @@ class LLVMBackend(Backend):
         t0 = time.perf_counter()
         text = lower_text(rule, self.f16_native)
         t1 = time.perf_counter()
-        mod = llvm.parse_assembly(text)
-        mod.verify()
+        mod = parse(text)
         t2 = time.perf_counter()
-        pto = llvm.create_pipeline_tuning_options(speed_level=3)
-        pto.loop_vectorization = True
-        pto.slp_vectorization = True
-        pb = llvm.create_pass_builder(_target_machine(), pto)
-        pb.getModulePassManager().run(mod, pb)
+        run_passes(mod)
         t3 = time.perf_counter()
         obj = _target_machine().emit_object(mod)
         t4 = time.perf_counter()
@@ -277,13 +320,15 @@ class LLVMBackend(Backend):
 
 def _dump(directory: Path, rule: UpdateRule, f16_native: bool) -> None:
     """STEPJIT_DUMP_DIR: every stage of a kernel, named as `stepjit dump --out` names them."""
+    from .select import BACKENDS  # each stage's file suffix
+
     directory.mkdir(parents=True, exist_ok=True)
     text = lower_text(rule, f16_native)
     optimized = optimize(text)
-    (directory / f"{rule.name}.ir.txt").write_text(rule.text + "\n")
-    (directory / f"{rule.name}.ll").write_text(text)
-    (directory / f"{rule.name}.opt.ll").write_text(str(optimized))
-    (directory / f"{rule.name}.s").write_text(_target_machine().emit_assembly(optimized))
+    stages = {"ir": rule.text + "\n", "llvm": text, "llvm-opt": str(optimized),
+              "asm": _target_machine().emit_assembly(optimized)}
+    for stage, suffix in BACKENDS["llvm"].stages.items():
+        (directory / f"{rule.name}{suffix}").write_text(stages[stage])
 
 
 # -- the launch table ---------------------------------------------------------------------------
@@ -296,15 +341,11 @@ class CPULaunch(Launch):
 
     def __init__(self, kernel: CPUKernel, tensors: list[tuple], per_tensor: np.ndarray) -> None:
         rule = kernel.rule
-        self.rule, self.kernel = rule, kernel
-        self.per_tensor = per_tensor
+        super().__init__(rule, tensors, per_tensor)
+        self.kernel = kernel
         if per_tensor.dtype != np.float64 or not per_tensor.flags.c_contiguous:
             raise ValueError("per_tensor must be a C-contiguous float64 array")
-        self._held = tensors  # the pointers below are only valid while these arrays live
         n = len(tensors)
-        if per_tensor.shape != (n, len(rule.per_tensor)):
-            raise ValueError(f"per_tensor has shape {per_tensor.shape}, expected "
-                             f"{(n, len(rule.per_tensor))}")
         self._ptrs = np.array(
             [[arrays.data_ptr(a) for a in t] for t in tensors], dtype=np.uintp
         ).reshape(n, len(rule.slots))
@@ -319,6 +360,12 @@ class CPULaunch(Launch):
                                per_tensor, self._scalars)
         )
         self.parts = _split(self._chunks, num_threads() if numel.sum() >= PARALLEL_MIN else 1)
+
+    can_repoint = True
+
+    def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
+        k = self._hold(slot, rows, tensors)
+        self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
     def __call__(self, scalars: Sequence[float]) -> None:
         if scalars:

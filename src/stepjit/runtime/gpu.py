@@ -30,11 +30,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..codegen import cuda as codegen
 from ..ir import DType, UpdateRule
 from . import arrays, cache
@@ -164,15 +165,37 @@ def cubin(source: str, arch: str | int = "sm_90") -> bytes:
     return image
 
 
+# -- the kernel skeletons --------------------------------------------------------------------------
+def template_dir() -> Path:
+    """Where the kernel skeletons are: inside the installed package (wheels ship them as
+    `stepjit/codegen_templates`), else at the root of a source checkout."""
+    packaged = Path(str(resources.files("stepjit"))) / "codegen_templates"
+    if (packaged / codegen.TEMPLATE_NAMES[0]).is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parents[3] / "codegen_templates"
+    if (checkout / codegen.TEMPLATE_NAMES[0]).is_file():
+        return checkout
+    raise FileNotFoundError(
+        f"CUDA kernel templates not found (looked in {packaged} and {checkout})"
+    )
+
+
+@functools.cache
+def templates() -> codegen.Templates:
+    """The kernel skeletons the CUDA code generator fills in, read once."""
+    folder = template_dir()
+    return codegen.Templates.from_texts([(folder / n).read_text() for n in codegen.TEMPLATE_NAMES])
+
+
+def render(rule: UpdateRule, **geometry) -> str:
+    """The complete CUDA source of `rule`'s kernels (`codegen.cuda.render` with the templates)."""
+    return codegen.render(rule, templates(), **geometry)
+
+
 # -- the disk cache --------------------------------------------------------------------------------
 # Cubins are code this process will run: they go through the same private, checksummed,
 # atomically written cache as the CPU backend's object code.
 _IMAGES = {".cubin": cache.DiskCache("cuda", ".cubin"), ".ptx": cache.DiskCache("cuda", ".ptx")}
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept across processes: <stepjit cache>/cuda."""
-    return cache.default_cache_dir() / "cuda"
 
 
 def cache_key(source: str, arch: str) -> str:
@@ -366,7 +389,7 @@ class CUDABackend(Backend):
                 cache.record(memory_hits=1)
                 return kernel
             t0 = time.perf_counter()
-            source = codegen.render(rule)
+            source = render(rule)
             if dump_dir := os.environ.get("STEPJIT_DUMP_DIR"):
                 _dump(Path(dump_dir), rule, source, self.arch)
             info = codegen.describe(rule)
@@ -396,10 +419,12 @@ class CUDABackend(Backend):
 
 def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
     """STEPJIT_DUMP_DIR: the rule, its CUDA source and PTX, named as `stepjit dump --out` does."""
+    from .select import BACKENDS  # each stage's file suffix
+
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{rule.name}.ir.txt").write_text(rule.text + "\n")
-    (directory / f"{rule.name}.cu").write_text(source)
-    (directory / f"{rule.name}.ptx").write_text(ptx(source, arch))
+    stages = {"ir": rule.text + "\n", "cuda": source, "ptx": ptx(source, arch)}
+    for stage, suffix in BACKENDS["cuda"].stages.items():
+        (directory / f"{rule.name}{suffix}").write_text(stages[stage])
 
 
 class _Uploads:
@@ -471,10 +496,8 @@ class CUDALaunch(Launch):
         cp = _cupy()
         _check_tensors(kernel, tensors)
         info = kernel.info
-        self.rule = kernel.rule
+        super().__init__(kernel.rule, tensors, per_tensor)
         self.kernel = kernel
-        self.per_tensor = per_tensor
-        self._held = tensors  # the tables hold raw addresses: keep the arrays alive
         self._upload = _Uploads()
         tables = build_tables(
             [[arrays.data_ptr(a) for a in t] for t in tensors],

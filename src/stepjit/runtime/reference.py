@@ -37,12 +37,18 @@ class ReferenceBackend(Backend):
 
 class _ReferenceLaunch(Launch):
     def __init__(self, rule: UpdateRule, tensors: list[tuple], per_tensor: np.ndarray) -> None:
-        self.rule = rule
-        self.per_tensor = per_tensor
+        super().__init__(rule, tensors, per_tensor)
         names = [s.name for s in rule.slots]
         self._views = [
             dict(zip(names, (arrays.flat(arrays.host_view(a)) for a in t))) for t in tensors
         ]
+
+    can_repoint = True
+
+    def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
+        self._hold(slot, rows, tensors)
+        for j, a in zip(rows, tensors):
+            self._views[j][slot] = arrays.flat(arrays.host_view(a))
 
     def forget(self, slot: str) -> None:
         """The interpreter works through numpy views, which keep their arrays alive."""

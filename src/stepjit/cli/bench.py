@@ -2,12 +2,16 @@
 
 For each configuration and size: the compile phases (trace, lower, parse, optimize, machine code,
 load; and a load from the disk cache), the first step cold / from disk / from memory, then the step
-time of stepjit
-beside numpy's in-place ufuncs, `torch.optim.SGD(fused=True)` (when torch is installed) and a
+time of stepjit beside numpy's in-place ufuncs (SGD and Adam: written here as torch.optim computes
+them), torch's fused optimizer of the same name (when torch is installed and has one) and a
 streaming probe: an LLVM kernel that moves the same bytes with no arithmetic, timed in the same
-run. Competitors are interleaved (A B C A B C ...) and the median is reported, so a noisy
-neighbour slows everyone alike. Nothing is read from or written to the user's kernel cache: each
-measurement compiles into a private temporary directory.
+run. An optimizer without a numpy or torch counterpart has no such column. Competitors are
+interleaved (A B C A B C ...) and the median is reported, so a noisy neighbour slows everyone
+alike. Nothing is read from or written to the user's kernel cache: each measurement compiles into
+a private temporary directory.
+
+A configuration is a name of `CONFIGS`, any registered optimizer at its defaults, or a user's
+class "package.module:Class" (see `configuration`).
 
 `stepjit bench --json FILE` writes `to_json(rows)`: {"stepjit", "host", "reps", "configs",
 "rows"}, one row per (configuration, size) with the fields of `Row`.
@@ -15,6 +19,7 @@ measurement compiles into a private temporary directory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -24,17 +29,19 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
-from . import optim
-from .ir import DType, Op, Slot, UpdateRule, tensor
-from .optim.adam import adam_rule
-from .optim.sgd import sgd_rule
-from .parameter import Parameter
-from .runtime import cache as kcache
-from .runtime import select
+from .. import optim
+from ..ir import DType, Op, Slot, UpdateRule, tensor
+from ..optim import OPTIMIZERS, registry
+from ..parameter import Parameter
+from ..runtime import cache as kcache
+from ..runtime import select
+from .args import UsageError, checked, optimizer_class, positive_int
 
 CONFIGS: dict[str, dict] = {
     "sgd": dict(lr=0.01),
@@ -43,12 +50,41 @@ CONFIGS: dict[str, dict] = {
     "clip": dict(lr=0.01, momentum=0.9, weight_decay=1e-4, clip_norm=1.0),
     "adam": dict(optimizer="adam", lr=1e-3),
 }
+"""The default configurations (float32); "optimizer" names the optimizer (default: sgd)."""
+
+PLACEHOLDER = 0.01
+"""The value a configuration gives a hyperparameter that has no default (SGD's lr)."""
 
 
-def _optimizer(cfg: dict) -> tuple[str, dict]:
-    """(optimizer name, its keyword arguments) of a configuration."""
+def configuration(spec: str) -> tuple[str, dict]:
+    """(name, configuration) for `spec`: a name of `CONFIGS`; a registered optimizer, at its own
+    defaults (named as registered); or a user's class "package.module:Class", at its defaults
+    (named after the class, in lower case). ValueError when `spec` is none of these."""
+    if spec in CONFIGS:
+        return spec, CONFIGS[spec]
+    if spec not in OPTIMIZERS and ":" not in spec:
+        raise ValueError(f"unknown configuration {spec!r}; choose from {', '.join(CONFIGS)}, a "
+                         f"registered optimizer ({', '.join(OPTIMIZERS)}) or package.module:Class")
+    cls = optimizer_class(spec)
+    cfg = {"optimizer": spec}
+    cfg.update((name, PLACEHOLDER) for name, default in registry.hyperparameters(cls).items()
+               if default is registry.required)
+    name = cls.__name__.lower()
+    if spec in OPTIMIZERS or name in CONFIGS or name in OPTIMIZERS:
+        name = spec
+    return name, cfg
+
+
+def optimizer_configuration(spec: str) -> tuple[str, dict]:
+    """`configuration` of an optimizer: a registered name or "package.module:Class"."""
+    optimizer_class(spec)  # ValueError naming the choices when `spec` is not an optimizer
+    return configuration(spec)
+
+
+def _optimizer(cfg: dict) -> tuple[type[optim.Optimizer], dict]:
+    """(optimizer class, its keyword arguments) of a configuration."""
     kw = dict(cfg)
-    return kw.pop("optimizer", "sgd"), kw
+    return optimizer_class(kw.pop("optimizer", "sgd")), kw
 
 
 def resnet50_like(width: float = 0.745) -> list[tuple[int, ...]]:
@@ -217,11 +253,8 @@ def _numpy_adam(params, cfg) -> Callable[[], None]:
     return step
 
 
-def _numpy_step(params, cfg) -> Callable[[], None]:
-    """The same update as stepjit with numpy in-place ufuncs (float32 temporaries)."""
-    name, cfg = _optimizer(cfg)
-    if name == "adam":
-        return _numpy_adam(params, cfg)
+def _numpy_sgd(params, cfg) -> Callable[[], None]:
+    """SGD with numpy in-place ufuncs (float32 temporaries)."""
     lr, mu = cfg.get("lr"), cfg.get("momentum", 0.0)
     wd, nesterov, clip = cfg.get("weight_decay", 0.0), cfg.get("nesterov", False), cfg.get(
         "clip_norm", 0.0)
@@ -254,40 +287,59 @@ def _numpy_step(params, cfg) -> Callable[[], None]:
     return step
 
 
-def _torch_step(params, cfg) -> Callable[[], None] | None:
-    if importlib.util.find_spec("torch") is None:
+# the hand-written numpy steps, and the hyperparameters each of them implements
+_NUMPY_STEPS = {
+    optim.SGD: (_numpy_sgd, {"lr", "momentum", "weight_decay", "nesterov", "clip_norm"}),
+    optim.Adam: (_numpy_adam, {"lr", "betas", "eps"}),
+}
+
+
+def _numpy_step(params, cfg) -> Callable[[], None] | None:
+    """The same update as stepjit with numpy in-place ufuncs; None when none is written here for
+    this optimizer and these hyperparameters."""
+    cls, kwargs = _optimizer(cfg)
+    step, implemented = _NUMPY_STEPS.get(cls, (None, set()))
+    if step is None or not kwargs.keys() <= implemented:
         return None
+    return step(params, kwargs)
+
+
+def _torch_step(params, cfg) -> Callable[[], None] | None:
+    """torch.optim's class of the same name as a built-in optimizer, fused; None when torch is
+    not installed, has no such class, or cannot run it fused with these arguments."""
+    cls, kwargs = _optimizer(cfg)
+    if importlib.util.find_spec("torch") is None or kwargs.get("clip_norm"):
+        return None  # torch's optimizers have no per-tensor clipping
     import torch
 
+    torch_cls = getattr(torch.optim, cls.__name__, None)
+    if torch_cls is None or not cls.__module__.startswith("stepjit."):
+        return None
     tensors = []
     for p in params:
         t = torch.from_numpy(p.data.copy()).requires_grad_(True)
         t.grad = torch.from_numpy(p.grad.copy())
         tensors.append(t)
-    name, cfg = _optimizer(cfg)
-    if cfg.get("clip_norm"):
-        return None  # torch's optimizers have no per-tensor clipping
     try:
-        if name == "adam":
-            opt = torch.optim.Adam(tensors, fused=True, **cfg)
-        else:
-            opt = torch.optim.SGD(tensors, fused=True, **cfg)
+        opt = torch_cls(tensors, fused=True, **kwargs)
         opt.step()
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         return None
     return opt.step
 
 
-def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> Row:
-    """Measure one configuration over tensors of `shapes` (see the module docstring)."""
-    cfg = CONFIGS[config]
-    name, kwargs = _optimizer(cfg)
+def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7,
+            cfg: dict | None = None) -> Row:
+    """Measure one configuration over tensors of `shapes` (see the module docstring); `cfg`
+    defaults to the configuration `config` names (see `configuration`)."""
+    cfg = configuration(config)[1] if cfg is None else cfg
+    cls, kwargs = _optimizer(cfg)
     params = _make(shapes, dtype)
     elements = sum(p.size for p in params)
     inner = max(1, min(50, int(2e7 // max(elements, 1))))
 
     def first_step(seed: int) -> tuple[float, optim.Optimizer]:
-        opt = optim.OPTIMIZERS[name](_make(shapes, dtype, seed=seed) if seed else params, **kwargs)
+        opt = cls(_make(shapes, dtype, seed=seed) if seed else params, **kwargs)
         t0 = time.perf_counter()
         opt.step()
         return 1e3 * (time.perf_counter() - t0), opt
@@ -317,11 +369,10 @@ def measure(config: str, size: str, shapes, dtype=np.float32, reps: int = 7) -> 
             probe = backend.bind(
                 backend.compile(_probe_rule(rule)), probe_tensors, np.zeros((len(params), 0))
             )
-            fns: dict[str, Callable[[], None]] = {
-                "stepjit": opt.step,
-                "numpy": _numpy_step(_make(shapes, dtype), cfg),
-                "probe": lambda: probe(()),
-            }
+            fns: dict[str, Callable[[], None]] = {"stepjit": opt.step}
+            if (ns := _numpy_step(_make(shapes, dtype), cfg)) is not None:
+                fns["numpy"] = ns
+            fns["probe"] = lambda: probe(())
             if (ts := _torch_step(params, cfg)) is not None:
                 fns["torch_fused"] = ts
             step = _interleaved(fns, reps, inner)
@@ -342,13 +393,26 @@ def _trace_ms(opt: optim.Optimizer, dtype) -> float:
     """Milliseconds to build the group's update rule from its structure (the memo bypassed)."""
     structure = opt.structure(opt.param_groups[0])
     dt = DType.from_numpy(dtype)
-    build = {optim.SGD: sgd_rule, optim.Adam: adam_rule}[type(opt)].__wrapped__
+    build = _uncached(type(opt).rule)
     samples = []
     for _ in range(5):
         t0 = time.perf_counter()
-        build(*structure, dt, dt)
+        build(opt, structure, dt, dt)
         samples.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(samples)
+
+
+def _uncached(method: types.FunctionType) -> types.FunctionType:
+    """`method` (an optimizer's `rule`) calling the rule functions of its own module through
+    their `functools.cache` memo's `__wrapped__`: every call traces the rule anew."""
+    names = method.__globals__
+    plain = {name: f.__wrapped__ for name, f in names.items()
+             if hasattr(f, "cache_clear") and hasattr(f, "__wrapped__")
+             and getattr(f, "__module__", None) == method.__module__}
+    if not plain:
+        return method
+    return types.FunctionType(method.__code__, {**names, **plain}, method.__name__,
+                              method.__defaults__, method.__closure__)
 
 
 def _phases(kernels, source: str) -> dict[str, float]:
@@ -360,7 +424,20 @@ def _phases(kernels, source: str) -> dict[str, float]:
 
 
 # -- output -------------------------------------------------------------------------------------
+def _even(row: Row, competitor: str, width: int) -> str:
+    """The steps until compiling paid off against `competitor`, right-aligned: never (stepjit is
+    not faster per step), or - (the row has no such competitor)."""
+    if competitor not in row.break_even_steps:
+        text = "-"
+    elif (steps := row.break_even_steps[competitor]) is None:
+        text = "never"
+    else:
+        text = f"{steps:.0f}"
+    return f"{text:>{width}}"
+
+
 def format_table(rows: list[Row]) -> str:
+    """The terminal table: compile and first-step costs, step times against every competitor."""
     head = (f"{'config':<9} {'size':<9} {'compile':>8} {'disk':>6} {'1st cold':>9} "
             f"{'1st disk':>9} {'1st mem':>8} {'stepjit':>9} {'numpy':>9} {'torch':>9} "
             f"{'probe':>9} {'GB/s':>6} {'%probe':>6} {'x numpy':>7} {'x torch':>7} "
@@ -371,16 +448,16 @@ def format_table(rows: list[Row]) -> str:
         return f"{v:9.3f}" if v is not None else f"{'-':>9}"
 
     for r in rows:
-        sj, npy, th = r.step_ms["stepjit"], r.step_ms["numpy"], r.step_ms.get("torch_fused")
-        even = r.break_even_steps.get("numpy")
+        sj, npy, th = r.step_ms["stepjit"], r.step_ms.get("numpy"), r.step_ms.get("torch_fused")
         lines.append(
             f"{r.config:<9} {r.size:<9} {sum(r.compile_ms.values()):7.1f}m {r.disk_load_ms:5.1f}m "
             f"{r.first_step_ms['cold']:8.1f}m {r.first_step_ms['disk']:8.1f}m "
             f"{r.first_step_ms['memory']:7.2f}m {ms(sj)} {ms(npy)} {ms(th)} "
             f"{ms(r.step_ms['probe'])} {r.gbps['stepjit']:6.1f} "
-            f"{100 * r.step_ms['probe'] / sj:5.0f}% {npy / sj:6.1f}x "
+            f"{100 * r.step_ms['probe'] / sj:5.0f}% "
+            f"{(f'{npy / sj:6.1f}x' if npy else '      -')} "
             f"{(f'{th / sj:6.2f}x' if th else '      -')} "
-            f"{(f'{even:6.0f}' if even is not None else 'never'):>6}"
+            f"{_even(r, 'numpy', 6)}"
         )
     lines.append("")
     lines.append("times in ms: compile = cold compile (trace+lower+parse+optimize+codegen+load); "
@@ -398,18 +475,12 @@ def format_phases(rows: list[Row]) -> str:
     head = (f"{'config':<9} {'size':<9} " + " ".join(f"{p:>8}" for p in phases)
             + f" {'total':>8} {'disk':>8} {'even@numpy':>10} {'even@torch':>10}")
     lines = [head, "-" * len(head)]
-
-    def steps(v: float | None) -> str:
-        return f"{v:10.0f}" if v is not None else f"{'never':>10}"
-
     for r in rows:
-        torch = r.break_even_steps.get("torch_fused", "-")
         lines.append(
             f"{r.config:<9} {r.size:<9} "
             + " ".join(f"{r.compile_ms.get(p, 0.0):8.2f}" for p in phases)
             + f" {sum(r.compile_ms.values()):8.2f} {r.disk_load_ms:8.2f}"
-            + f" {steps(r.break_even_steps.get('numpy'))}"
-            + (f" {'-':>10}" if torch == "-" else f" {steps(torch)}")
+            + f" {_even(r, 'numpy', 10)} {_even(r, 'torch_fused', 10)}"
         )
     lines.append("")
     lines.append("compile phases in ms (trace: build the rule; lower: LLVM IR text; parse; "
@@ -420,15 +491,17 @@ def format_phases(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(configs: list[str], sizes: dict[str, Callable], reps: int = 7, progress=None) -> list[Row]:
-    """Measure every configuration at every size; `progress(message)` is called before each."""
+def run(configs: dict[str, dict], sizes: dict[str, Callable], reps: int = 7,
+        progress=None) -> list[Row]:
+    """Measure every configuration (name -> configuration) at every size; `progress(message)`
+    is called before each."""
     rows = []
     total = len(configs) * len(sizes)
     for size, make in sizes.items():
-        for config in configs:
+        for config, cfg in configs.items():
             if progress:
                 progress(f"[{len(rows) + 1}/{total}] measuring {config} / {size} ...")
-            rows.append(measure(config, size, make(), reps=reps))
+            rows.append(measure(config, size, make(), reps=reps, cfg=cfg))
     return rows
 
 
@@ -437,16 +510,16 @@ _SIZE_RE = re.compile(r"(?:(\d+)x)?(\d+)([KMG]?)")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def parse_configs(text: str) -> list[str]:
-    """'sgd,momentum' -> ['sgd', 'momentum']; 'all' -> every configuration."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if names == ["all"]:
-        return list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        raise ValueError(f"unknown configuration {', '.join(unknown) or repr(text)}; "
-                         f"choose from {', '.join(CONFIGS)} (comma-separated) or all")
-    return list(dict.fromkeys(names))
+def parse_configs(text: str) -> dict[str, dict]:
+    """'sgd,momentum,rmsprop' -> {name: configuration} (see `configuration`); 'all' -> every
+    configuration of `CONFIGS`."""
+    specs = [n.strip() for n in text.split(",") if n.strip()]
+    if specs == ["all"]:
+        return dict(CONFIGS)
+    if not specs:
+        raise ValueError(f"no configuration in {text!r}; choose from {', '.join(CONFIGS)}, a "
+                         "registered optimizer or package.module:Class (comma-separated), or all")
+    return dict(configuration(spec) for spec in specs)
 
 
 def parse_sizes(text: str) -> dict[str, Callable[[], list[tuple[int, ...]]]]:
@@ -471,14 +544,16 @@ def parse_sizes(text: str) -> dict[str, Callable[[], list[tuple[int, ...]]]]:
     return sizes
 
 
-def to_json(rows: list[Row], reps: int | None = None) -> dict:
-    """The benchmark's results, with the host and library versions, as JSON-ready data."""
+def to_json(rows: list[Row], reps: int | None = None,
+            configs: dict[str, dict] | None = None) -> dict:
+    """The benchmark's results, with the host and library versions, as JSON-ready data;
+    `configs` (name -> configuration) defaults to `CONFIGS`."""
     import platform
 
     import llvmlite
 
-    from ._version import __version__
-    from .runtime.cpu import host_target, num_threads
+    from .._version import __version__
+    from ..runtime.cpu import host_target, num_threads
 
     torch_version = None
     if importlib.util.find_spec("torch") is not None:
@@ -491,7 +566,8 @@ def to_json(rows: list[Row], reps: int | None = None) -> dict:
         "machine": platform.machine(), "python": platform.python_version(),
         "numpy": np.__version__, "llvmlite": llvmlite.__version__, "torch": torch_version,
     }
-    configs = {r.config: CONFIGS.get(r.config, {}) for r in rows}
+    known = CONFIGS if configs is None else configs
+    configs = {r.config: known.get(r.config, {}) for r in rows}
     return {"stepjit": __version__, "host": host, "reps": reps, "configs": configs,
             "rows": [dataclasses.asdict(r) for r in rows]}
 
@@ -546,8 +622,90 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - the CLI is stepjit.cli
-    """`python -m stepjit.bench ARGS` is `stepjit bench ARGS`."""
-    from .cli import main as cli_main
+# -- the subcommand ---------------------------------------------------------------------------
+def command(args: argparse.Namespace) -> int:
+    """`stepjit bench`: compile cost against step time, beside numpy, torch and a probe."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'stepjit[plot]'")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{flag} {path}: the directory {Path(path).parent} does not exist")
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    configs = args.configs or ({} if args.optimizer else dict(CONFIGS))
+    if args.optimizer:
+        configs = {**configs, args.optimizer[0]: args.optimizer[1]}
+    reps = args.reps or (3 if args.quick else 7)
+    start = time.perf_counter()
 
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"{message} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    rows = run(configs, sizes, reps=reps, progress=progress)
+    print(format_table(rows))
+    print()
+    print(format_phases(rows))
+    if args.json:
+        import json
+
+        data = to_json(rows, reps=reps, configs=configs)
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+        progress(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        progress(f"wrote {args.plot}")
+    progress("done")
+    return 0
+
+
+def _epilog() -> str:
+    configs = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in cfg.items())})"
+                        for name, cfg in CONFIGS.items())
+    return (
+        f"Configurations (float32): {configs}; or any registered optimizer at its defaults "
+        f"({', '.join(OPTIMIZERS)}), or your own class as package.module:Class (a hyperparameter "
+        f"without a default gets {PLACEHOLDER}). Sizes: 16M = one tensor of 16M elements, "
+        "resnet50 = 147 tensors shaped like ResNet-50's (12.5M elements), 200x1000 = 200 tensors "
+        f"of 1000 elements; default: {', '.join(SIZES)}; --quick: {', '.join(QUICK_SIZES)}. "
+        "--json writes {stepjit, host, reps, configs, rows}; each row has config, size, dtype, "
+        "tensors, elements, bytes_per_element, compile_ms {trace, lower, parse, optimize, "
+        "codegen, load}, disk_load_ms, first_step_ms {cold, disk, memory}, step_ms and gbps "
+        "{stepjit, numpy, probe, torch_fused}, break_even_steps {numpy, torch_fused} (null: "
+        "never; numpy and torch_fused only where the optimizer has them)."
+    )
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    """Add `stepjit bench` to the subcommands `commands`."""
+    b = commands.add_parser(
+        "bench", help="compile cost against step time, beside numpy and torch",
+        description="For each configuration and size: the cold compile split into its phases "
+        "(trace, lower, parse, optimize, machine code, load), the load from the disk cache, the "
+        "first step() cold / from disk / from memory, the median step time beside numpy's "
+        "in-place step (SGD and Adam), torch's fused optimizer of the same name (when torch is "
+        "installed and has one) and a streaming probe moving the same bytes, GB/s, and the "
+        "number of steps after which compiling has paid off (-: no such competitor). "
+        "Competitors run interleaved in the same process. Nothing touches your kernel cache.",
+        epilog=_epilog(),
+    )
+    b.add_argument("--quick", action="store_true",
+                   help=f"small sizes ({', '.join(QUICK_SIZES)}) and 3 repetitions: a few seconds")
+    b.add_argument("--sizes", type=checked(parse_sizes), default=None, metavar="LIST",
+                   help="comma-separated sizes: names, N (one tensor of N elements) or COUNTxN; "
+                   "N may end in K, M or G (e.g. 4M,100x1000)")
+    b.add_argument("--configs", type=checked(parse_configs), default=None, metavar="LIST",
+                   help=f"comma-separated configurations: {', '.join(CONFIGS)} (the default: "
+                   "all), a registered optimizer or package.module:Class")
+    b.add_argument("--optimizer", type=checked(optimizer_configuration), default=None,
+                   metavar="NAME",
+                   help="also (without --configs: only) this optimizer at its defaults: a "
+                   "registered name or package.module:Class")
+    b.add_argument("--reps", type=checked(positive_int), default=None,
+                   help="timed repetitions per competitor (default: 7; 3 with --quick)")
+    b.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    b.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also save a figure: step-time bars and the break-even (needs "
+                   "matplotlib: pip install 'stepjit[plot]')")
+    b.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    b.set_defaults(func=command)
+    return b
