@@ -487,3 +487,101 @@ def test_a_product_of_hyperparameters_beyond_float64_is_refused(backend):
     with pytest.raises(ValueError, match="param group 0: lr = inf is not finite"):
         opt.step()
     assert np.all(p.data == 1)
+
+
+# -- tables re-pointed instead of rebuilt -----------------------------------------------------
+def test_torch_data_replaced_at_the_same_address_is_checked_again():
+    torch = pytest.importorskip("torch")
+    import stepjit.torch
+
+    full = torch.zeros(1000)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    p.data = full
+    opt = stepjit.torch.SGD([p], lr=1.0, momentum=0.9)
+    p.grad = torch.ones(1000)
+    opt.step()
+    victim = full[10:]
+    victim.fill_(5.0)
+    p.data = full[:10]  # the same address, a tenth of the size
+    p.grad = torch.full((10,), 3.0)
+    with pytest.raises(ValueError, match="momentum_buffer' has shape \\(1000,\\)"):
+        opt.step()
+    assert torch.all(victim == 5.0)
+
+
+def test_torch_strided_gradient_at_the_same_address_is_refused():
+    torch = pytest.importorskip("torch")
+    import stepjit.torch
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = stepjit.torch.SGD([p], lr=1.0)
+    g = torch.arange(1.0, 9.0)
+    p.grad = g[:4]
+    opt.step()
+    p.grad = g[::2]  # starts where the old one did
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        opt.step()
+
+
+def test_a_parameter_list_edited_in_place_is_seen(backend):
+    a, b = P(np.zeros(3, np.float32)), P(np.zeros(3, np.float32))
+    a.grad = np.ones(3, np.float32)
+    opt = SGD([a], lr=1.0, backend=backend)
+    opt.step()
+    opt.param_groups[0]["params"][0] = b
+    b.grad = np.ones(3, np.float32)
+    opt.step()
+    assert np.all(a.data == -1) and np.all(b.data == -1)
+
+
+def test_deleting_a_parameters_state_starts_it_afresh(backend):
+    p = P(np.zeros(2))
+    p.grad = np.ones(2)
+    opt = SGD([p], lr=1.0, momentum=0.5, backend=backend)
+    opt.step()  # buffer 1
+    del opt.state[p]
+    opt.step()  # a new buffer: 1 again, not 0.5 * 1 + 1
+    np.testing.assert_array_equal(p.data, [-2.0, -2.0])
+
+
+def test_torch_tensors_and_parameters_do_not_mix():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="either torch tensors or stepjit.Parameters"):
+        SGD([{"params": [torch.nn.Parameter(torch.zeros(2))]},
+             {"params": [P(np.zeros(2, np.float32))]}], lr=0.1)
+    with pytest.raises(TypeError, match="numpy or cupy array"):
+        P(torch.zeros(2))
+
+
+def test_zero_grad_reset_waits_its_turn(backend):
+    p = P(np.ones(4, np.float32))
+    p.grad = np.ones(4, np.float32)
+    opt = SGD([p], lr=0.5, backend=backend)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with opt._exclusive:
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="already running in another thread"):
+            opt.zero_grad(reset=True)
+    finally:
+        release.set()
+        t.join()
+    assert p.grad is not None
+
+
+def test_a_per_tensor_value_float32_cannot_hold_is_refused_before_any_group_steps(backend):
+    a, b = P(np.ones(3, np.float32)), P(np.ones(3, np.float32))
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt = stepjit.optim.Adam([{"params": [a], "lr": 1e-3}, {"params": [b]}], lr=1e38,
+                             backend=backend)
+    with pytest.raises(ValueError, match="param group 1: per-tensor value step_size"):
+        opt.step()
+    assert np.all(a.data == 1) and np.all(b.data == 1)  # neither group stepped
+    assert all(int(st.get("step", 0)) == 0 for st in opt.state.values())

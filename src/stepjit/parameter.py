@@ -56,8 +56,8 @@ class Parameter:
     __slots__ = ("_data", "_grad", "__weakref__")
 
     def __init__(self, data) -> None:
-        if not arrays.is_array(data):
-            raise TypeError(
+        if not arrays.is_array(data) or arrays.is_parameter(data):
+            raise TypeError(  # a torch tensor is a parameter itself: pass it to the optimizer
                 f"Parameter needs a numpy or cupy array, got {arrays.type_name(data)}"
             )
         self._data = data

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +72,7 @@ class _Plan:
     batches: list[_Batch] = field(default_factory=list)
     params: frozenset = frozenset()  # those with a gradient, bound in `batches`
     members: frozenset = frozenset()  # every parameter of the group
+    param_list: tuple = ()  # the group's parameters, in order, when it was built
     rows: dict = field(default_factory=dict)  # param -> (batch, row, index in group, .data)
     spans: Spans | None = None  # the memory it touches, one row per (tensor, slot)
     spans_offset: list[int] = field(default_factory=list)  # first row of each batch in `spans`
@@ -220,6 +222,12 @@ class Optimizer:
             # the backend is chosen once for all params: a new group must live on the same device
             devices = {arrays.device(_array(p)) for p in params} | {self._device}
             select_backend(self._requested_backend, devices)
+        kinds = {arrays.is_parameter(p) for p in params}
+        if self.param_groups:
+            kinds.add(self._untracked)
+        if len(kinds) > 1:
+            raise TypeError(f"param group {index}: an optimizer updates either torch tensors or "
+                            "stepjit.Parameters, not both")
         self.param_groups.append(group)
         self._members.update(params)
         self._untracked = self._untracked or any(map(arrays.is_parameter, params))
@@ -238,8 +246,14 @@ class Optimizer:
                 self._check_group(index, group)
             scalars = [self.scalars(group) for group in self.param_groups]
             plans = self._plans_for("step", pending, scalars)
-            for group, plan, values in zip(self.param_groups, plans, scalars):
-                self._run(plan, values, group)
+            per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
+                          in enumerate(zip(self.param_groups, plans))]
+            # torch may free a gradient the tables point at (another thread's set_to_none):
+            # hold them all until the kernels are done
+            alive = [p.grad for p in self._members] if self._untracked else None
+            for plan, values, tensor_values in zip(plans, scalars, per_tensor):
+                self._run(plan, values, tensor_values)
+            del alive
             if pending:
                 self._pending = frozenset()
                 for plan in self._plans.values():  # the next accumulation copies, not adds
@@ -263,12 +277,12 @@ class Optimizer:
 
         A pending accumulation is never touched.
         """
-        if reset:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            return
         with self._exclusive:
+            if reset:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                return
             for plan in self._plans_for("zero", frozenset()):
                 self._run(plan, {})
 
@@ -370,12 +384,15 @@ class Optimizer:
         for index, group in enumerate(self.param_groups):
             structure = self.structure(group) if kind == "step" else None
             params = group["params"]
-            token = (self._state_gen, structure, pending if kind == "step" else None,
-                     id(params), len(params))
+            # the parameters themselves (a list edited in place), and the number of entries of
+            # `state` (one deleted to start a parameter afresh)
+            token = (self._state_gen, len(self.state), structure,
+                     pending if kind == "step" else None, id(params), len(params))
             # torch sets .grad (and may move .data) behind our back: compare addresses
             addresses = arrays.addresses(params) if self._untracked else None
             plan = self._plans.get((kind, index))
-            if plan is not None and plan.token == token:
+            if plan is not None and plan.token == token and all(map(operator.is_, params,
+                                                                    plan.param_list)):
                 if plan.generation == generation and plan.addresses == addresses:
                     ready.append(plan)
                     continue
@@ -404,8 +421,9 @@ class Optimizer:
                             if plan is not None] + list(built_spans.values()))
         built = {}
         for index, token, _, addresses in todo:
+            params = self.param_groups[index]["params"]
             plan = _Plan(kind, token, generation, addresses, spans=built_spans[index],
-                         members=frozenset(self.param_groups[index]["params"]))
+                         members=frozenset(params), param_list=tuple(params))
             plan.spans_offset = list(np.cumsum([0] + [len(d.spans) for d in drafts[index]]))
             for d in drafts[index]:
                 launch = self._backend.bind(self._backend.compile(d.rule), d.tensors, d.per_tensor)
@@ -433,6 +451,9 @@ class Optimizer:
                 for b in plan.batches:
                     b.steps = self._step_counts(b.params)
             self._plans[(kind, index)] = ready[index] = plan
+        entries = len(self.state)
+        for plan in self._plans.values():  # new state entries are the plans' own
+            plan.token = (plan.token[0], entries, *plan.token[2:])
         return ready
 
     def _stage_refresh(self, kind: str, index: int, plan: _Plan, pending: frozenset,
@@ -578,19 +599,47 @@ class Optimizer:
             self.state.setdefault(p, {})["step"] = steps[j : j + 1].reshape(())
         return steps
 
-    def _run(self, plan: _Plan, scalars: dict[str, float], group: dict | None = None) -> None:
+    def _tensor_values(self, index: int, group: dict, plan: _Plan) -> list:
+        """Each batch's (step counts, per-tensor values) for this step, checked, or None."""
+        out = []
         for b in plan.batches:
-            steps = None
-            if b.steps is not None:
-                steps = b.steps + 1
-                for name, values in self.tensor_values(group, steps).items():
+            if b.steps is None:
+                out.append(None)
+                continue
+            steps = b.steps + 1
+            values = self.tensor_values(group, steps)
+            limits = {name: (low, high) for name, _, low, high in _limits(b.rule, Op.PER_TENSOR)}
+            for name, v in values.items():
+                low, high = limits.get(name, (0.0, np.inf))
+                magnitude = np.abs(v)
+                if not np.all(np.isfinite(v)) or np.any(magnitude > high) or np.any(
+                        (magnitude > 0) & (magnitude < low)):
+                    raise ValueError(f"param group {index}: per-tensor value {name} "
+                                     f"({np.asarray(v).ravel()[:3]}...) cannot be represented "
+                                     "in the type the kernel computes in (check lr and betas)")
+            out.append((steps, values))
+        return out
+
+    def _run(self, plan: _Plan, scalars: dict[str, float], per_tensor: list | None = None) -> None:
+        for b, extra in zip(plan.batches, per_tensor or [None] * len(plan.batches)):
+            if extra is not None:
+                for name, values in extra[1].items():
                     b.launch.set_per_tensor(name, values)
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
-            if steps is not None:
-                b.steps[:] = steps  # in place: each state["step"] is a view into it
+            if extra is not None:
+                b.steps[:] = extra[0]  # in place: each state["step"] is a view into it
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
                 b.launch.set_per_tensor("first", 0.0)
+
+
+def _is_integer(x) -> bool:
+    """Whether array x holds integers (a state buffer may be loaded from them, not from bools
+    or complex numbers)."""
+    if arrays.is_torch(x):
+        dt = x.dtype
+        return not (dt.is_floating_point or dt.is_complex) and dt != x.bool().dtype
+    return x.dtype.kind in ("i", "u")
 
 
 def _loaded_buffer(idx, name: str, buf, data):
@@ -603,7 +652,7 @@ def _loaded_buffer(idx, name: str, buf, data):
         except (TypeError, ValueError):
             raise ValueError(f"{where_} must be a number, got {buf!r}") from None
     host = buf if arrays.is_array(buf) else np.asarray(buf)
-    if arrays.dtype(host) is None and getattr(host.dtype, "kind", "") not in "iu":
+    if arrays.dtype(host) is None and not _is_integer(host):
         raise ValueError(f"{where_} has dtype {host.dtype}; state buffers are real numbers")
     if tuple(host.shape) != tuple(data.shape):
         raise ValueError(
@@ -615,24 +664,24 @@ def _loaded_buffer(idx, name: str, buf, data):
     return new_buf
 
 
-_LIMITS: dict[UpdateRule, tuple] = {}
+_LIMITS: dict[tuple, tuple] = {}
 
 
-def _limits(rule: UpdateRule) -> tuple:
-    """(name, dtype, smallest normal, largest finite) of each scalar that is computed in, or cast
-    to, a type narrower than float64."""
-    found = _LIMITS.get(rule)
+def _limits(rule: UpdateRule, leaf: Op = Op.SCALAR) -> tuple:
+    """(name, dtype, smallest normal, largest finite) of each `leaf` value (a kernel argument,
+    or a per-tensor value) that is computed in, or cast to, a type narrower than float64."""
+    found = _LIMITS.get((rule, leaf))
     if found is None:
         narrow = {}
         for n in rule.nodes:
-            leaf = n.src[0] if n.op is Op.CAST and n.src[0].op is Op.SCALAR else n
-            if leaf.op is Op.SCALAR and n.dtype.is_float and n.dtype is not DType.F64:
-                narrow.setdefault((leaf.arg, n.dtype), None)
+            source = n.src[0] if n.op is Op.CAST and n.src[0].op is leaf else n
+            if source.op is leaf and n.dtype.is_float and n.dtype is not DType.F64:
+                narrow.setdefault((source.arg, n.dtype), None)
         found = []
         for name, dt in narrow:
             info = np.finfo(dt.to_numpy())
             found.append((name, dt, float(info.smallest_normal), float(info.max)))
-        found = _LIMITS[rule] = tuple(found)
+        found = _LIMITS[(rule, leaf)] = tuple(found)
     return found
 
 
@@ -824,7 +873,7 @@ def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list 
             return None
         for i, (now, then) in enumerate(zip(addresses, plan.addresses)):
             if now != then:
-                if now[1] != then[1]:  # the tensor's own memory moved
+                if now[2:] != then[2:]:  # the tensor itself moved or changed its layout
                     return None
                 changed.append(params[i])
     return changed

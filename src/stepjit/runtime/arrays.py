@@ -165,18 +165,25 @@ class _Torch:
 
     @staticmethod
     def addresses(params) -> tuple:
-        """What torch may change without telling us: where each gradient and tensor lives.
+        """What torch may change without telling us, per tensor: (gradient address, whether the
+        gradient is contiguous, then the tensor's address, shape, dtype, contiguity).
 
         Launch tables of torch parameters do not keep gradients alive (`Launch.forget`), so that
         `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. A gradient at
-        the same address is then as good as the old one: torch keeps a gradient's shape, dtype
-        and device equal to its parameter's.
+        the same address is then as good as the old one only if it is laid out the same: torch
+        keeps a gradient's shape, dtype and device equal to its tensor's, not its strides. A
+        change in anything after the first two entries (`.data` replaced, resized, transposed)
+        means the tensor must be checked again with its state.
         """
         try:
-            return tuple([(0 if p.grad is None else p.grad.data_ptr(), p.data_ptr())
-                          for p in params])
-        except RuntimeError:  # a gradient without storage (sparse): a rebuild's checks name it
-            return (object(),)
+            return tuple([
+                (0, True, p.data_ptr(), p.shape, p.dtype, p.is_contiguous()) if p.grad is None
+                else (p.grad.data_ptr(), p.grad.is_contiguous(), p.data_ptr(), p.shape, p.dtype,
+                      p.is_contiguous())
+                for p in params
+            ])
+        except (RuntimeError, AttributeError):  # a sparse gradient, a tensor of another kind:
+            return tuple((object(),) * 6 for _ in params)  # a rebuild's checks name it
 
     def host_view(self, x) -> np.ndarray:
         t = _torch()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..ir import UpdateRule
+from . import arrays
 
 
 class Launch(abc.ABC):
@@ -56,10 +57,18 @@ class Launch(abc.ABC):
         picked up without rebuilding the tables."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
 
-    def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence) -> int:
-        """Keep `tensors` alive in place of slot `slot`'s at `rows` (unless forgotten); the
-        slot's index."""
+    def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence,
+              numel: Sequence[int]) -> int:
+        """Check that each of `tensors` spans the bytes the kernel touches at its row (`numel`:
+        the elements of each bound tensor), keep them alive in place of slot `slot`'s at `rows`
+        (unless forgotten), and return the slot's index."""
         k = [s.name for s in self.rule.slots].index(slot)
+        itemsize = self.rule.slots[k].dtype.itemsize
+        for j, a in zip(rows, tensors):
+            if arrays.numel(a) * arrays.itemsize(a) != numel[j] * itemsize:
+                raise ValueError(f"{self.rule.name}: tensor {j}, slot {slot}: "
+                                 f"{arrays.numel(a) * arrays.itemsize(a)} bytes where the kernel "
+                                 f"expects {numel[j] * itemsize}")
         for j, a in zip(rows, tensors):
             held = self.held[j]
             if held[k] is not None:

@@ -351,6 +351,7 @@ class CPULaunch(Launch):
         ).reshape(n, len(rule.slots))
         numel = np.array([arrays.numel(t[0]) for t in tensors], dtype=np.int64)
         check_sizes(rule, tensors, numel)
+        self._numel = numel
         self._chunks, self._tchunks = chunk_table(numel)
         n_chunks = len(self._chunks)
         self._partials = np.zeros(max(1, n_chunks * len(rule.reductions)))
@@ -364,7 +365,7 @@ class CPULaunch(Launch):
     can_repoint = True
 
     def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
-        k = self._hold(slot, rows, tensors)
+        k = self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
     def __call__(self, scalars: Sequence[float]) -> None:

@@ -46,7 +46,7 @@ class _ReferenceLaunch(Launch):
     can_repoint = True
 
     def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
-        self._hold(slot, rows, tensors)
+        self._hold(slot, rows, tensors, [len(next(iter(v.values()))) for v in self._views])
         for j, a in zip(rows, tensors):
             self._views[j][slot] = arrays.flat(arrays.host_view(a))
 
