@@ -15,6 +15,8 @@ Importing this module imports torch; `import stepjit` alone never does.
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -32,7 +34,10 @@ class SGD(torch.optim.Optimizer):
     Arguments are those of `stepjit.optim.SGD`, plus:
         process_group: a `torch.distributed` process group; gradients are averaged over it
             before every update (`None`: no communication).
-        bucket_cap_mb: the largest all-reduce, in MiB of gradients.
+        bucket_cap_mb: the largest all-reduce, in MiB of gradients: consecutive gradients of one
+            dtype and device are averaged together through a flat buffer of at most this size (a
+            bigger gradient gets one of its own) that the optimizer keeps from step to step: one
+            extra copy of the gradients in all.
         backend: "llvm", "cuda" or "reference"; default: where the tensors live.
     Per-group `lr_mult` and `decay_mult` work as in `stepjit.optim.SGD`.
     """
@@ -61,6 +66,7 @@ class SGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.process_group = process_group
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = _optim.SGD.over(self.param_groups, self.state, backend=backend)
 
     def __setstate__(self, state: dict) -> None:
@@ -97,18 +103,63 @@ class SGD(torch.optim.Optimizer):
         """All-reduce (mean) every gradient over `process_group`, a bucket at a time.
 
         Every rank must hold gradients for the same parameters, as with DistributedDataParallel.
+        Each bucket is copied into a flat buffer that this optimizer keeps from step to step; all
+        buckets are reduced at once (asynchronously, every handle waited on) and the means are
+        copied back, so every `.grad` keeps its identity, dtype and layout.
+
+        The backend is never handed a temporary nor a `.grad`, and on return it holds none of the
+        buffers: a communication thread that lets go of a tensor Python can see takes the GIL
+        (torch 2.13 decrefs the Python object as the last C++ reference goes, whoever else holds
+        it; older torch when it frees the tensor), and once the interpreter has begun to exit,
+        that aborts the process ("terminate called without an active exception", torch/gloo).
         """
         group = self.process_group
         world = dist.get_world_size(group)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for bucket in _buckets(grads, self.bucket_cap_bytes):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        buckets = _buckets(grads, self.bucket_cap_bytes)
+        flats = [self._flat_buffer(k, bucket) for k, bucket in enumerate(buckets)]
+        for flat, bucket in zip(flats, buckets):
+            torch.cat([g.reshape(-1) for g in bucket], out=flat)
+        works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+                 for flat in flats]
+        while works:  # drop each handle once waited on: a live handle holds its tensor
+            works.pop().wait()
+        for flat, bucket in zip(flats, buckets):
             flat.div_(world)
             offset = 0
             for g in bucket:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+        self._flat_grads = flats
+        _wait_until_released(flats)
+
+    def _flat_buffer(self, k: int, bucket: list) -> torch.Tensor:
+        """The all-reduce buffer of bucket `k`: last step's when it still fits, else a new one."""
+        numel = sum(g.numel() for g in bucket)
+        if k < len(self._flat_grads):
+            flat = self._flat_grads[k]
+            if (flat.numel() == numel and flat.dtype == bucket[0].dtype
+                    and flat.device == bucket[0].device):
+                return flat
+        return torch.empty(numel, dtype=bucket[0].dtype, device=bucket[0].device)
+
+
+def _wait_until_released(tensors: list, timeout: float = 5.0) -> None:
+    """Sleep (GIL released) until nothing but their Python objects holds these CPU tensors.
+
+    gloo's thread lets go of a completed all-reduce, and so of its tensors, a little after the
+    handle completes. CUDA tensors are not waited for: NCCL's watchdog thread lets go of its
+    work only every so often. Without `Tensor._use_count` (torch < 2.3) this returns at once.
+    """
+    held = [t for t in tensors if t.device.type == "cpu" and hasattr(t, "_use_count")]
+    delay, deadline = 1e-5, time.monotonic() + timeout
+    while any(t._use_count() > 1 for t in held):
+        if time.monotonic() > deadline:
+            warnings.warn(f"the process group still holds gradient buffers {timeout} s after "
+                          "their all-reduce completed", RuntimeWarning, stacklevel=3)
+            return
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-3)
 
 
 def _buckets(grads: list, cap: int) -> list[list]:
