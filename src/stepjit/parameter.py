@@ -34,15 +34,16 @@ def changed_since(seen: int) -> list[Parameter] | None:
     when that is too long ago to tell (an optimizer then rebuilds its tables)."""
     if seen == _current[0]:
         return []
-    if not _recent or _recent[0][0] > seen + 1:
-        return None
-    found = {}
+    found, logged = {}, 0
     for gen, ref in reversed(_recent):
         if gen <= seen:
             break
+        logged += 1
         p = ref()
         if p is not None:
             found[id(p)] = p
+    if logged != _current[0] - seen:  # a change the log does not name (or has forgotten)
+        return None
     return list(found.values())
 
 
@@ -61,8 +62,7 @@ class Parameter:
                 f"Parameter needs a numpy or cupy array, got {arrays.type_name(data)}"
             )
         self._data = data
-        self._grad = None
-        _bump()
+        self._grad = None  # no bump: a new Parameter joins an optimizer by add_param_group
 
     @property
     def data(self):

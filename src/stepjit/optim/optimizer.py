@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +71,6 @@ class _Plan:
     batches: list[_Batch] = field(default_factory=list)
     params: frozenset = frozenset()  # those with a gradient, bound in `batches`
     members: frozenset = frozenset()  # every parameter of the group
-    param_list: tuple = ()  # the group's parameters, in order, when it was built
     rows: dict = field(default_factory=dict)  # param -> (batch, row, index in group, .data)
     spans: Spans | None = None  # the memory it touches, one row per (tensor, slot)
     spans_offset: list[int] = field(default_factory=list)  # first row of each batch in `spans`
@@ -216,7 +214,7 @@ class Optimizer:
             group.setdefault(name, default)
         group.setdefault("lr_mult", 1.0)
         group.setdefault("decay_mult", 1.0)
-        group["params"] = params
+        group["params"] = _ParamList(params)
         self._check_group(index, group)
         if hasattr(self, "_backend"):
             # the backend is chosen once for all params: a new group must live on the same device
@@ -391,8 +389,7 @@ class Optimizer:
             # torch sets .grad (and may move .data) behind our back: compare addresses
             addresses = arrays.addresses(params) if self._untracked else None
             plan = self._plans.get((kind, index))
-            if plan is not None and plan.token == token and all(map(operator.is_, params,
-                                                                    plan.param_list)):
+            if plan is not None and plan.token == token:
                 if plan.generation == generation and plan.addresses == addresses:
                     ready.append(plan)
                     continue
@@ -423,7 +420,7 @@ class Optimizer:
         for index, token, _, addresses in todo:
             params = self.param_groups[index]["params"]
             plan = _Plan(kind, token, generation, addresses, spans=built_spans[index],
-                         members=frozenset(params), param_list=tuple(params))
+                         members=frozenset(params))
             plan.spans_offset = list(np.cumsum([0] + [len(d.spans) for d in drafts[index]]))
             for d in drafts[index]:
                 launch = self._backend.bind(self._backend.compile(d.rule), d.tensors, d.per_tensor)
@@ -608,15 +605,12 @@ class Optimizer:
                 continue
             steps = b.steps + 1
             values = self.tensor_values(group, steps)
-            limits = {name: (low, high) for name, _, low, high in _limits(b.rule, Op.PER_TENSOR)}
-            for name, v in values.items():
-                low, high = limits.get(name, (0.0, np.inf))
-                magnitude = np.abs(v)
-                if not np.all(np.isfinite(v)) or np.any(magnitude > high) or np.any(
-                        (magnitude > 0) & (magnitude < low)):
+            for name, dt, _, high in _limits(b.rule, Op.PER_TENSOR):
+                v = values.get(name)
+                if v is not None and len(v) and not np.abs(v).max() <= high:  # inf and NaN too
                     raise ValueError(f"param group {index}: per-tensor value {name} "
                                      f"({np.asarray(v).ravel()[:3]}...) cannot be represented "
-                                     "in the type the kernel computes in (check lr and betas)")
+                                     f"in {dt}, the type the kernel computes in")
             out.append((steps, values))
         return out
 
@@ -631,6 +625,23 @@ class Optimizer:
             if b.first_column is not None:
                 # the first step of these tensors is done: later launches reuse the table
                 b.launch.set_per_tensor("first", 0.0)
+
+
+class _ParamList(list):
+    """A group's parameter list: editing it in place is an assignment the tables notice."""
+
+    def _edited(name):  # noqa: N805 - builds the methods below
+        def method(self, *args):
+            _parameter._bump()  # an unlogged change: the next call rebuilds the tables
+            return getattr(list, name)(self, *args)
+
+        method.__name__ = name
+        return method
+
+    for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend",
+                  "insert", "pop", "remove", "clear", "sort", "reverse"):
+        locals()[_name] = _edited(_name)
+    del _name, _edited
 
 
 def _is_integer(x) -> bool:
