@@ -311,8 +311,10 @@ class Optimizer:
             )
         by_index: dict[int, Parameter] = {}
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
-                raise ValueError(f"state_dict: param group {gi} needs a 'params' list")
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in saved["params"]):
+                raise ValueError(f"state_dict: param group {gi} needs a 'params' list of "
+                                 "parameter indices")
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
