@@ -875,8 +875,23 @@ TestTwinsAgreeUnderRandomOperations.settings = RANDOMIZED_SETTINGS
 
 
 # -- bugs the machine found ---------------------------------------------------------------------
-# All four were fixed while this file was written; they stay as small regression tests. A bug
+# All five were fixed while this file was written; they stay as small regression tests. A bug
 # still open would be kept here marked `@pytest.mark.xfail(strict=True, reason=...)`.
+@pytest.mark.parametrize("backend_name", ["reference", "llvm"])
+def test_accumulate_grad_accepts_a_gradient_shared_by_two_parameters(backend_name):
+    """accumulate_grad() once labelled each gradient as a written array (the parameter's span
+    went to the 'grad' slot, the gradient's to 'accum'), so one gradient read by two parameters,
+    which the semantics allow, was refused as overlapping memory."""
+    a, b = P(np.ones(4, np.float32)), P(np.ones(4, np.float32))
+    a.grad = b.grad = np.ones(4, np.float32)
+    opt = SGD([a, b], lr=0.1, backend=backend_name)
+    opt.accumulate_grad()
+    opt.accumulate_grad()
+    opt.step()
+    for q in (a, b):
+        np.testing.assert_allclose(q.data, np.full(4, 0.8, np.float32), rtol=1e-6)
+
+
 def test_zero_grad_after_a_gradient_is_replaced_by_one_of_another_size():
     """zero_grad() once re-pointed its cached launch at a replaced gradient of the same dtype
     without checking the size: the llvm kernel zeroed as many elements as the old gradient had,
