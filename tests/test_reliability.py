@@ -8,6 +8,7 @@ compute type cannot hold, a failure half way through creating state.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -284,14 +285,13 @@ def test_ctrl_c_during_a_step_arrives_after_a_complete_step(backend):
 
 
 # -- 6. threads -----------------------------------------------------------------------------------
-def test_a_step_while_another_thread_steps_the_same_optimizer_is_refused(backend):
-    p = P(np.ones(4, np.float32))
-    p.grad = np.ones(4, np.float32)
-    opt = SGD([p], lr=0.5, backend=backend)
+@contextlib.contextmanager
+def busy_in_another_thread(opt):
+    """While inside: another thread holds `opt` as a long step would."""
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with opt._exclusive:  # what a long step holds
+        with opt._exclusive:
             inside.set()
             release.wait(10)
 
@@ -299,12 +299,20 @@ def test_a_step_while_another_thread_steps_the_same_optimizer_is_refused(backend
     t.start()
     inside.wait(10)
     try:
-        for call in (opt.step, opt.accumulate_grad, opt.zero_grad):
-            with pytest.raises(RuntimeError, match="already running in another thread"):
-                call()
+        yield
     finally:
         release.set()
         t.join()
+
+
+def test_a_step_while_another_thread_steps_the_same_optimizer_is_refused(backend):
+    p = P(np.ones(4, np.float32))
+    p.grad = np.ones(4, np.float32)
+    opt = SGD([p], lr=0.5, backend=backend)
+    with busy_in_another_thread(opt):
+        for call in (opt.step, opt.accumulate_grad, opt.zero_grad):
+            with pytest.raises(RuntimeError, match="already running in another thread"):
+                call()
     assert np.all(p.data == 1)
     opt.step()
     assert np.all(p.data == 0.5)
@@ -557,22 +565,8 @@ def test_zero_grad_reset_waits_its_turn(backend):
     p = P(np.ones(4, np.float32))
     p.grad = np.ones(4, np.float32)
     opt = SGD([p], lr=0.5, backend=backend)
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with opt._exclusive:
-            inside.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    inside.wait(10)
-    try:
-        with pytest.raises(RuntimeError, match="already running in another thread"):
-            opt.zero_grad(reset=True)
-    finally:
-        release.set()
-        t.join()
+    with busy_in_another_thread(opt), pytest.raises(RuntimeError, match="already running"):
+        opt.zero_grad(reset=True)
     assert p.grad is not None
 
 
