@@ -190,3 +190,35 @@ def test_a_negative_or_nan_hyperparameter_is_named(name, key):
     with pytest.raises(ValueError, match=key):
         opt.step()
     assert np.all(p.data == 1) and not opt.state
+
+
+@pytest.mark.parametrize("name, config", _torch_cases())
+def test_a_torch_checkpoint_continues_like_torch(backend, name, config):
+    """torch.optim's state dict (its state keys, its `step`) loads, and the next steps follow
+    torch's: step counts and per-tensor values continue from the checkpoint."""
+    import torch
+
+    cls = registry.OPTIMIZERS[name]
+    hyper = _with_lr(cls, config)
+    rng = np.random.default_rng(9)
+    init = rng.standard_normal((5, 4))
+    q = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    ref = getattr(torch.optim, cls.__name__)([q], **hyper, foreach=False)
+    for _ in range(3):
+        q.grad = torch.from_numpy(rng.standard_normal(init.shape))
+        ref.step()
+    p = stepjit.Parameter(q.detach().numpy().copy())
+    opt = cls([p], backend=backend, **hyper)
+    opt.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        g = rng.standard_normal(init.shape)
+        p.grad, q.grad = g, torch.from_numpy(g.copy())
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose(p.data, q.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for key, value in ref.state[q].items():
+        if key == "step":
+            assert int(opt.state[p]["step"]) == int(value) == 6
+        else:
+            np.testing.assert_allclose(opt.state[p][key], value.numpy(), rtol=1e-12,
+                                       atol=1e-14, err_msg=key)
