@@ -208,11 +208,18 @@ def test_state_dict_round_trip_continues_identically(backend, name):
     assert int(opt2.state[qs[0]]["step"]) == 8
 
 
-def test_a_torch_checkpoint_with_maximize_is_refused(backend):
-    """torch's groups carry `maximize`: True would change the math, so it is refused (loading
-    torch checkpoints otherwise: test_family.py)."""
+def test_a_torch_checkpoint_with_maximize_loads_and_ascends_as_torch(backend):
+    """torch's groups carry `maximize`: a checkpoint with True keeps ascending after loading
+    (every optimizer against torch: test_family.py)."""
     q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     ref = torch.optim.Adam([q], lr=0.01, maximize=True, foreach=False)
-    opt = Adam([stepjit.Parameter(np.zeros(3))], lr=0.01, backend=backend)
-    with pytest.raises(ValueError, match="maximize"):
-        opt.load_state_dict(ref.state_dict())
+    p = stepjit.Parameter(np.zeros(3))
+    opt = Adam([p], lr=0.01, backend=backend)
+    opt.load_state_dict(ref.state_dict())
+    g = np.array([1.0, -2.0, 0.5])
+    for _ in range(3):
+        q.grad, p.grad = torch.tensor(g), g.copy()
+        ref.step()
+        opt.step()
+    np.testing.assert_allclose(p.data, q.detach().numpy(), rtol=1e-12)
+    assert (p.data * g > 0).all()  # ascended along the gradient

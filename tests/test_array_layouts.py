@@ -19,25 +19,51 @@ def _assert_unchanged(params, snap):
             np.testing.assert_array_equal(p.grad, grad)
 
 
-def test_non_contiguous_parameter_is_refused(backend):
+def test_a_parameter_with_gaps_is_refused(backend):
     good = stepjit.Parameter(np.ones(4, np.float32))
     good.grad = np.ones(4, np.float32)
     p = stepjit.Parameter(np.ones((4, 6), np.float32)[:, ::2])
     p.grad = np.ones((4, 3), np.float32)
     opt = stepjit.optim.SGD([good, p], lr=0.1, backend=backend)
     snap = _snapshot([good, p])
-    with pytest.raises(ValueError, match=r"parameter 1: parameter is not C-contiguous"):
+    with pytest.raises(ValueError, match=r"parameter 1: parameter has gaps or overlaps in memory "
+                                         r"\(strides \(6, 2\)\); pass a dense array"):
         opt.step()
     _assert_unchanged([good, p], snap)
 
 
-def test_non_contiguous_gradient_is_refused(backend):
+def test_a_gradient_laid_out_unlike_its_parameter_is_refused(backend):
     p = stepjit.Parameter(np.ones((3, 4), np.float64))
     p.grad = np.ones((4, 3), np.float64).T
     opt = stepjit.optim.SGD([p], lr=0.1, backend=backend)
-    with pytest.raises(ValueError, match="gradient is not C-contiguous.*ascontiguousarray"):
+    with pytest.raises(ValueError, match=r"gradient is laid out differently from the parameter "
+                                         r"\(strides \(1, 3\), the parameter's \(4, 1\)\)"):
         opt.step()
     np.testing.assert_array_equal(p.data, 1.0)
+
+
+@pytest.mark.parametrize("order", [(1, 0, 2), (2, 0, 1), (0, 2, 1)])
+def test_dense_layouts_update_in_place_with_state_in_the_same_layout(backend, order):
+    """A transposed view of a contiguous array (any order of its dimensions) is updated where it
+    lies, its momentum laid out the same way, matching the same update on C-ordered copies."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 4, 5))
+    data = base.transpose(order)
+    assert not data.flags.c_contiguous and data.base is base
+    p = stepjit.Parameter(data)
+    c = stepjit.Parameter(np.ascontiguousarray(data))
+    opt = stepjit.optim.SGD([p], lr=0.1, momentum=0.9, backend=backend)
+    ref = stepjit.optim.SGD([c], lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(3):
+        g = rng.standard_normal(base.shape).transpose(order)
+        p.grad, c.grad = g, np.ascontiguousarray(g)
+        opt.step()
+        ref.step()
+    assert p.data.base is base  # updated in place, never copied
+    np.testing.assert_array_equal(p.data, c.data)
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.strides == data.strides
+    np.testing.assert_array_equal(buf, ref.state[c]["momentum_buffer"])
 
 
 def test_unaligned_array_is_refused(backend):

@@ -1,79 +1,127 @@
-"""torch interop: `stepjit.torch.SGD`, a `torch.optim.Optimizer` whose step runs stepjit's kernels.
+"""torch interop: every stepjit optimizer as a `torch.optim.Optimizer`.
 
     model = torch.nn.Linear(10, 1)
-    opt = stepjit.torch.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)   # no recompilation
+    opt = stepjit.torch.AdamW(model.parameters(), lr=1e-3)        # torch.optim.AdamW's arguments
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)    # no recompilation
+
+`SGD`, `Adam`, `AdamW`, `RMSprop` and `Adagrad` take torch's arguments with torch's defaults and
+keep torch's state keys, so scripts, schedulers, `torch.amp.GradScaler`, hooks and checkpoints
+(both ways) work unchanged; `LARS` and any user optimizer (`optimizer_for(Lion)`) get the same
+face. Every class also takes Dragon's `scale` and `clip_norm`, and:
+    process_group: a `torch.distributed` process group; gradients are averaged over it before
+        every update, in buckets, as Dragon's optimizer did (`None`: no communication).
+    bucket_cap_mb: the largest all-reduce, in MiB of gradients (see `average_gradients`).
+    backend: "llvm", "cuda" or "reference"; default: where the tensors live.
 
 Parameters are updated in place through their data pointers (CPU tensors with the LLVM backend,
-CUDA tensors with the CUDA backend); nothing is copied. `state_dict()` has torch.optim.SGD's
-layout (`momentum_buffer`), so checkpoints move between this class and `torch.optim.SGD` both
-ways. With `process_group=`, `step()` first averages the gradients over the group with
-`torch.distributed.all_reduce`, in buckets, as Dragon's optimizer did with its process group.
+CUDA tensors with the CUDA backend), whatever their dense layout (channels_last too); nothing is
+copied. stepjit's step is always one fused kernel per group and dtype, so `foreach` and `fused`
+are accepted and change nothing; `maximize`, a tensor `lr` and frozen parameters work as in
+torch; `differentiable=True`, complex parameters and sparse gradients are refused with an error.
 
 Importing this module imports torch; `import stepjit` alone never does.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import optim as _optim
-from .optim.optimizer import required
+from .optim.optimizer import required as _required
+from .parameter import Parameter
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "Optimizer", "optimizer_for"]
+
+_TORCH_FLAGS = {"foreach": None, "fused": None, "maximize": False, "capturable": False,
+                "differentiable": False}
+"""torch.optim's flags that every face takes, with torch's defaults."""
+
+_FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None}
 
 
-class SGD(torch.optim.Optimizer):
-    """Dragon's SGD (see `stepjit.optim.SGD` for the math) as a `torch.optim.Optimizer`.
+class Optimizer(torch.optim.Optimizer):
+    """The base of the torch faces: torch's param groups, state and hooks; stepjit's kernels.
 
-    Arguments are those of `stepjit.optim.SGD`, plus:
-        process_group: a `torch.distributed` process group; gradients are averaged over it
-            before every update (`None`: no communication).
-        bucket_cap_mb: the largest all-reduce, in MiB of gradients: consecutive gradients of one
-            dtype and device are averaged together through a flat buffer of at most this size (a
-            bigger gradient gets one of its own) that the optimizer keeps from step to step: one
-            extra copy of the gradients in all.
-        backend: "llvm", "cuda" or "reference"; default: where the tensors live.
-    Per-group `lr_mult` and `decay_mult` work as in `stepjit.optim.SGD`.
+    A face is made by `optimizer_for(engine)`; `engine` is the stepjit optimizer class whose
+    rule runs, `torch_class` torch's class of the same name when there is one (its arguments,
+    defaults and checks are the face's).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = required,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        scale: float = 1,
-        clip_norm: float = 0,
-        *,
-        process_group: object | None = None,
-        bucket_cap_mb: float = 25.0,
-        backend: str | None = None,
-    ) -> None:
-        if lr is required:
-            raise ValueError("parameter 'lr' is required (none given)")
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, scale=scale, clip_norm=clip_norm, lr_mult=1.0, decay_mult=1.0,
-        )
+    engine: type[_optim.Optimizer]
+    torch_class: type | None = None
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler hands over grad_scale, found_inf
+
+    def __init__(self, params, *args, **kwargs) -> None:
+        arguments = self.__signature__.bind(params, *args, **kwargs)
+        arguments.apply_defaults()
+        values = dict(arguments.arguments)
+        params = values.pop("params")
+        face = {name: values.pop(name) for name in _FACE_ARGUMENTS}
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {torch.typename(params)}")
+        params = list(params)
+        if values["differentiable"]:
+            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported "
+                             "(stepjit's kernels do not record autograd graphs); use torch.optim")
+        if self.torch_class is not None:  # torch's own checks of every argument, torch's errors
+            names = inspect.signature(self.torch_class.__init__).parameters
+            defaults = dict(self.torch_class(
+                params, **{k: v for k, v in values.items() if k in names}).defaults)
+        else:
+            defaults = {name: values[name] for name in _TORCH_FLAGS}
+        engine_defaults = _engine_defaults(self.engine, values)
+        defaults = {**engine_defaults, **defaults, "lr_mult": 1.0, "decay_mult": 1.0}
         super().__init__(params, defaults)
-        self.process_group = process_group
-        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.process_group = face["process_group"]
+        self.bucket_cap_bytes = int(face["bucket_cap_mb"] * 2**20)
+        self._requested_backend = face["backend"]
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
-        self._engine = _optim.SGD.over(self.param_groups, self.state, backend=backend)
+        self._engine = self._new_engine()
+
+    def _new_engine(self) -> _optim.Optimizer:
+        return self.engine.over(_with_numbers(self.param_groups), self.state,
+                                backend=self._requested_backend, step_count=torch.from_numpy)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)  # torch's checks and defaults
+        engine = self.__dict__.get("_engine")
+        if engine is not None:  # a group added later: checked before it is kept
+            try:
+                engine.adopt_group(len(self.param_groups) - 1, _numbers(self.param_groups[-1]))
+            except (TypeError, ValueError):
+                self.param_groups.pop()
+                raise
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "process_group": self.process_group,
+                "bucket_cap_bytes": self.bucket_cap_bytes,
+                "_requested_backend": self._requested_backend}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # a torch.optim.SGD checkpoint lacks Dragon's keys
+        for group in self.param_groups:  # a torch.optim checkpoint lacks Dragon's keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if "_engine" not in self.__dict__:  # a copy or an unpickled optimizer: kernels anew
+            self.__dict__.setdefault("process_group", None)
+            self.__dict__.setdefault("bucket_cap_bytes", int(_FACE_ARGUMENTS["bucket_cap_mb"]
+                                                             * 2**20))
+            self.__dict__.setdefault("_requested_backend", None)
+            self._flat_grads = []
+            self._engine = self._new_engine()
+
+    def __reduce_ex__(self, protocol):
+        # faces of user optimizers are made at run time: pickle the engine class, not the face
+        return (_unpickled, (self.engine, self.torch_class), self.__getstate__())
 
     @property
     def backend(self) -> str:
@@ -82,20 +130,26 @@ class SGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """Average the gradients over `process_group` (if any), then update every parameter."""
+        """Average the gradients over `process_group` (if any), then update every parameter
+        that has a gradient; with `torch.amp.GradScaler`, skip the update when its gradients
+        overflowed and unscale them inside the kernels otherwise."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
         if self.process_group is not None:
             self.average_gradients()
-        self._engine.share(self.param_groups, self.state)
-        self._engine.step()
+        self._engine.share(_with_numbers(self.param_groups), self.state)
+        self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale))
         return loss
 
     def accumulate_grad(self) -> None:
         """Dragon's gradient accumulation: see `stepjit.optim.Optimizer.accumulate_grad`."""
-        self._engine.share(self.param_groups, self.state)
+        self._engine.share(_with_numbers(self.param_groups), self.state)
         self._engine.accumulate_grad()
 
     @torch.no_grad()
@@ -103,9 +157,10 @@ class SGD(torch.optim.Optimizer):
         """All-reduce (mean) every gradient over `process_group`, a bucket at a time.
 
         Every rank must hold gradients for the same parameters, as with DistributedDataParallel.
-        Each bucket is copied into a flat buffer that this optimizer keeps from step to step; all
-        buckets are reduced at once (asynchronously, every handle waited on) and the means are
-        copied back, so every `.grad` keeps its identity, dtype and layout.
+        Consecutive gradients of one dtype and device are copied into a flat buffer of at most
+        `bucket_cap_mb` (a bigger gradient gets one of its own) that this optimizer keeps from
+        step to step; all buckets are reduced at once (asynchronously, every handle waited on)
+        and the means are copied back, so every `.grad` keeps its identity, dtype and layout.
 
         The backend is never handed a temporary nor a `.grad`, and on return it holds none of the
         buffers: a communication thread that lets go of a tensor Python can see takes the GIL
@@ -142,6 +197,113 @@ class SGD(torch.optim.Optimizer):
                     and flat.device == bucket[0].device):
                 return flat
         return torch.empty(numel, dtype=bucket[0].dtype, device=bucket[0].device)
+
+
+@functools.cache
+def optimizer_for(engine: type[_optim.Optimizer], torch_class: type | None = None) -> type:
+    """The `torch.optim.Optimizer` class running stepjit optimizer `engine`'s rule (made once).
+
+    Its arguments are `torch_class`'s, with its defaults and checks, when given (torch's class of
+    the same update), else `engine`'s hyperparameters; then any hyperparameter of `engine` that
+    torch's class lacks, torch's flags (`foreach`, `fused`, `maximize`, `capturable`,
+    `differentiable`) and `process_group`, `bucket_cap_mb`, `backend`, keyword-only.
+
+        class Lion(stepjit.optim.Optimizer): ...      # the README's
+        LionT = stepjit.torch.optimizer_for(Lion)
+        opt = LionT(model.parameters(), lr=1e-4)      # a torch.optim.Optimizer
+    """
+    if not (isinstance(engine, type) and issubclass(engine, _optim.Optimizer)):
+        raise TypeError(f"optimizer_for needs a stepjit.optim.Optimizer subclass, got {engine!r}")
+    name = engine.__name__
+    face = type(name, (Optimizer,), {
+        "engine": engine, "torch_class": torch_class, "__module__": __name__,
+        "__qualname__": name, "__signature__": _signature(engine, torch_class),
+        "__doc__": (f"`stepjit.optim.{name}` (see it for the math) as a torch.optim.Optimizer"
+                    + (f" with the arguments of `torch.optim.{torch_class.__name__}`"
+                       if torch_class is not None else "")
+                    + ".\n\nSee `stepjit.torch` for what every face adds and accepts."),
+    })
+    return face
+
+
+def _signature(engine: type, torch_class: type | None) -> inspect.Signature:
+    """The face's signature: see `optimizer_for`."""
+    hyper = _optim.registry.hyperparameters(engine)
+    params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    found = [params]
+    if torch_class is not None:
+        for p in list(inspect.signature(torch_class.__init__).parameters.values())[2:]:
+            if p.name not in hyper and p.name not in _TORCH_FLAGS and p.name != (
+                    "decoupled_weight_decay"):
+                raise TypeError(f"torch.optim.{torch_class.__name__} takes {p.name!r}, which "
+                                f"stepjit's {engine.__name__} does not")
+            found.append(p.replace(annotation=inspect.Parameter.empty))
+    else:
+        for name, default in hyper.items():
+            found.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                           default=default))
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    have = {p.name for p in found}
+    extra = {**{n: d for n, d in hyper.items() if n not in have}, **_TORCH_FLAGS,
+             **_FACE_ARGUMENTS}
+    found += [inspect.Parameter(n, keyword, default=d) for n, d in extra.items() if n not in have]
+    # a positional parameter that lost its default to one before it would be refused: the
+    # engine's required values (LARS's lr) keep `required`, which the probe reports
+    return inspect.Signature(found)
+
+
+def _engine_defaults(engine: type, values: dict) -> dict:
+    """Every hyperparameter of `engine` with the values given, checked as `engine` checks them
+    (ValueError, TypeError) on a one-element probe; tensors count as their values."""
+    hyper = _optim.registry.hyperparameters(engine)
+    given = {k: v for k, v in _numbers(values).items() if k in hyper}
+    for name, default in hyper.items():
+        if given.get(name, default) is _required:  # torch: each group must then give it
+            given[name] = 0.01
+    probe = engine([Parameter(np.zeros(1, np.float32))], backend="reference", **given)
+    found = {k: v for k, v in probe.defaults.items() if k not in values}
+    found.update({k: v for k, v in values.items() if k in hyper})
+    return {k: torch.optim.optimizer.required if v is _required else v for k, v in found.items()}
+
+
+def _unpickled(engine: type, torch_class: type | None) -> Optimizer:
+    cls = optimizer_for(engine, torch_class)
+    return cls.__new__(cls)
+
+
+def _numbers(values: dict) -> dict:
+    """`values` with tensors (a tensor `lr`, tensor betas) replaced by Python floats."""
+    def number(v):
+        if isinstance(v, torch.Tensor):
+            return v.item()
+        if type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v):
+            return tuple(number(x) for x in v)
+        return v
+    return {k: (v if k == "params" else number(v)) for k, v in values.items()}
+
+
+def _holds_tensor(group: dict) -> bool:
+    for k, v in group.items():
+        if k != "params" and (isinstance(v, torch.Tensor) or (
+                type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v))):
+            return True
+    return False
+
+
+def _with_numbers(groups: list[dict]) -> list[dict]:
+    """The groups as the kernels read them: the same dicts, or copies (holding the same
+    parameter lists) where a hyperparameter is a tensor."""
+    if not any(map(_holds_tensor, groups)):
+        return groups
+    return [_numbers(g) if _holds_tensor(g) else g for g in groups]
+
+
+SGD = optimizer_for(_optim.SGD, torch.optim.SGD)
+Adam = optimizer_for(_optim.Adam, torch.optim.Adam)
+AdamW = optimizer_for(_optim.AdamW, torch.optim.AdamW)
+RMSprop = optimizer_for(_optim.RMSprop, torch.optim.RMSprop)
+Adagrad = optimizer_for(_optim.Adagrad, torch.optim.Adagrad)
+LARS = optimizer_for(_optim.LARS)
 
 
 def _wait_until_released(tensors: list, timeout: float = 5.0) -> None:

@@ -8,7 +8,6 @@ import functools
 import numpy as np
 
 from ..ir import DType, Slot, UpdateRule, per_tensor, scalar, sqrt, tensor
-from .adam import check_not_maximizing
 from .optimizer import Optimizer, check_number, check_scale_and_clip
 from .prologue import clips, decays, prologue, prologue_scalars
 from .registry import register
@@ -105,7 +104,6 @@ class Adagrad(Optimizer):
         check_number("initial_accumulator_value", group["initial_accumulator_value"])
         check_number("eps", group["eps"])
         check_scale_and_clip(group)
-        check_not_maximizing(group)
 
     def structure(self, group: dict) -> tuple:
         return (decays(group), clips(group))

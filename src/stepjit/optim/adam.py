@@ -39,13 +39,6 @@ def check_flag(name: str, value: object) -> None:
         raise TypeError(f"Invalid {name}: {value!r} (must be a bool)")
 
 
-def check_not_maximizing(group: dict) -> None:
-    """A group loaded from a torch.optim state_dict may carry `maximize`: refuse True rather
-    than silently minimizing."""
-    if group.get("maximize", False):
-        raise ValueError("maximize=True is not supported (negate the gradients, or the loss)")
-
-
 @functools.cache
 def adam_rule(
     amsgrad: bool,
@@ -173,7 +166,6 @@ class Adam(Optimizer):
         check_scale_and_clip(group)
         check_flag("amsgrad", group["amsgrad"])
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_not_maximizing(group)
 
     examples = {"amsgrad": (False, True), "weight_decay": (0.0, 0.01),
                 "decoupled_weight_decay": (False, True), "clip_norm": (0.0, 1.0),

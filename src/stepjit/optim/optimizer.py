@@ -131,27 +131,50 @@ class Optimizer:
         self._untracked = False  # parameters whose .grad/.data change unannounced
         self._members = {p for g in param_groups for p in g["params"]}
         self._exclusive = Exclusive(type(self).__name__)
+        self._step_count = None
 
     @classmethod
-    def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None):
+    def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
+             step_count=None):
         """An optimizer that works on existing `param_groups` and `state` containers, shared,
-        not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own)."""
+        not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
+
+        As in torch, a tensor that does not require grad is accepted (and skipped while it has
+        no gradient). `step_count`, when given, turns each parameter's step count (a 0-d
+        float32 array that the optimizer updates in place) into what `state[p]["step"]` holds
+        (torch: a tensor sharing its memory)."""
         self = cls.__new__(cls)
         self._setup({}, param_groups, state, backend)
+        self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
-                _check_param(f"param group {index}, parameter {i}", p)
+                _check_param(f"param group {index}, parameter {i}", p, frozen=True)
             self._check_group(index, group)
         self._untracked = any(arrays.is_parameter(p) for g in param_groups for p in g["params"])
         self._backend = self._select_backend()
         return self
 
     def share(self, param_groups: list[dict], state: dict) -> None:
-        """Point at new containers (after torch's load_state_dict replaced them)."""
-        if param_groups is not self.param_groups or state is not self.state:
-            self.param_groups, self.state = param_groups, state
+        """Point at new containers (after torch's load_state_dict replaced them, or a group
+        was added). Groups that are copies of the old ones holding the same parameter lists
+        (hyperparameters read from tensors) keep the launch tables."""
+        if state is not self.state or len(param_groups) != len(self.param_groups) or any(
+                a["params"] is not b["params"] for a, b in zip(param_groups, self.param_groups)):
             self._members = {p for g in param_groups for p in g["params"]}
             self._state_gen += 1
+        self.param_groups, self.state = param_groups, state
+
+    def adopt_group(self, index: int, group: dict) -> None:
+        """Check a group that the owner of the shared containers (see `over`) added as group
+        `index`, and take it into account from the next call; raise, changing nothing, when
+        one of its tensors or hyperparameters is not accepted."""
+        for i, p in enumerate(group["params"]):
+            _check_param(f"param group {index}, parameter {i}", p, frozen=True)
+        self._check_group(index, group)
+        select_backend(self._requested_backend,
+                       {arrays.device(_array(p)) for p in group["params"]} | {self._device})
+        self._members.update(group["params"])
+        self._state_gen += 1
 
     # -- the subclass interface ------------------------------------------------------------------
     examples: dict[str, tuple] = {}
@@ -231,8 +254,13 @@ class Optimizer:
         self._untracked = self._untracked or any(map(arrays.is_parameter, params))
         self._state_gen += 1
 
-    def step(self) -> None:
+    def step(self, *, grad_scale: float = 1.0) -> None:
         """Update every parameter that has a gradient (or a pending accumulation).
+
+        `grad_scale`: the factor the gradients were multiplied by (mixed precision's loss
+        scale); the kernels divide it out as they read them, with no pass of their own. A group
+        with `maximize` true ascends its objective (torch's flag): the gradient's sign flips
+        the same way.
 
         A step is atomic from Python's point of view: it raises before anything is written, or
         it completes with all its bookkeeping (a Ctrl-C that arrives meanwhile is raised once
@@ -242,7 +270,8 @@ class Optimizer:
             pending = self._pending
             for index, group in enumerate(self.param_groups):
                 self._check_group(index, group)
-            scalars = [self.scalars(group) for group in self.param_groups]
+            scalars = [self._scalars(index, group, grad_scale)
+                       for index, group in enumerate(self.param_groups)]
             plans = self._plans_for("step", pending, scalars)
             per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
                           in enumerate(zip(self.param_groups, plans))]
@@ -364,6 +393,8 @@ class Optimizer:
             # the per-group multipliers are the base class's: every optimizer has them
             check_number("lr_mult", group["lr_mult"])
             check_number("decay_mult", group["decay_mult"])
+            if not isinstance(group.get("maximize", False), bool):  # torch's flag, every rule
+                raise TypeError(f"Invalid maximize: {group['maximize']!r} (must be a bool)")
             self.check_group(group)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
@@ -558,7 +589,7 @@ class Optimizer:
                     pt[j, col] = 1.0
                     new = buf is None or not _fits(buf, data, want)
                     if new:
-                        buf = arrays.zeros(data, tuple(data.shape), want)
+                        buf = arrays.zeros_as(data, want)
                 if new:
                     d.new_accum.append((p, buf))
                 found["accum"] = buf
@@ -592,11 +623,27 @@ class Optimizer:
 
     def _step_counts(self, params: list) -> np.ndarray:
         """One array of step counts for a batch; each state["step"] becomes a 0-d view into it,
-        so counting a step is one vectorized `+= 1` whatever the number of tensors."""
-        steps = np.array([float(self.state.get(p, {}).get("step", 0)) for p in params])
+        so counting a step is one vectorized `+= 1` whatever the number of tensors. Counts are
+        float32, as torch keeps them (exact up to 2**24 steps)."""
+        steps = np.array([float(self.state.get(p, {}).get("step", 0)) for p in params],
+                         np.float32)
+        wrap = self._step_count
         for j, p in enumerate(params):
-            self.state.setdefault(p, {})["step"] = steps[j : j + 1].reshape(())
+            view = steps[j : j + 1].reshape(())
+            self.state.setdefault(p, {})["step"] = view if wrap is None else wrap(view)
         return steps
+
+    def _scalars(self, index: int, group: dict, grad_scale: float) -> dict[str, float]:
+        """The kernel arguments of `group`, with its gradient factor folded into `scale`."""
+        values = self.scalars(group)
+        factor = -1.0 / grad_scale if group.get("maximize") else 1.0 / grad_scale
+        if factor != 1.0:
+            if "scale" not in values:
+                raise TypeError(f"param group {index}: {type(self).__name__}'s rule has no "
+                                "gradient 'scale' argument, so it cannot maximize or unscale "
+                                "gradients (start the rule from optim.prologue)")
+            values["scale"] *= factor
+        return values
 
     def _tensor_values(self, index: int, group: dict, plan: _Plan) -> list:
         """Each batch's (step counts, per-tensor values) for this step, checked, or None."""
@@ -605,8 +652,8 @@ class Optimizer:
             if b.steps is None:
                 out.append(None)
                 continue
-            steps = b.steps + 1
-            values = self.tensor_values(group, steps)
+            steps = b.steps + 1.0  # float64: the host computes in it
+            values = self.tensor_values(group, steps.astype(np.float64))
             for name, dt, _, high in _limits(b.rule, Op.PER_TENSOR):
                 v = values.get(name)
                 if v is not None and len(v) and not np.abs(v).max() <= high:  # inf and NaN too
@@ -672,7 +719,7 @@ def _loaded_buffer(idx, name: str, buf, data):
             f"{where_} has shape {tuple(host.shape)}, the parameter {tuple(data.shape)}"
         )
     dt = arrays.dtype(data)
-    new_buf = arrays.zeros(data, tuple(data.shape), (dt or DType.F32).compute)
+    new_buf = arrays.zeros_as(data, (dt or DType.F32).compute)
     arrays.assign(new_buf, host)
     return new_buf
 
@@ -729,9 +776,9 @@ def _array(p):
     return p.data if isinstance(p, Parameter) else p
 
 
-def _check_param(where_: str, p) -> None:
+def _check_param(where_: str, p, frozen: bool = False) -> None:
     if not isinstance(p, Parameter):
-        arrays.check_parameter(where_, p)
+        arrays.check_parameter(where_, p, frozen)
 
 
 def _check_gradient(where_: str, grad) -> DType:
@@ -739,8 +786,8 @@ def _check_gradient(where_: str, grad) -> DType:
     if arrays.dtype(grad) is None:
         raise TypeError(f"{where_}: gradient dtype {grad.dtype} is not a floating type")
     aligned = arrays.data_ptr(grad) % arrays.itemsize(grad) == 0
-    if not (arrays.is_writeable(grad) and arrays.is_contiguous(grad) and aligned):
-        raise ValueError(f"{where_}: gradient must be writeable, contiguous and aligned to zero it")
+    if not (arrays.is_writeable(grad) and arrays.is_dense(grad) and aligned):
+        raise ValueError(f"{where_}: gradient must be writeable, dense and aligned to zero it")
     return arrays.dtype(grad)
 
 
@@ -767,23 +814,32 @@ def _check_tensor_pair(where_: str, data, grad, what: str = "gradient") -> tuple
     if not da.writeable(data):
         raise ValueError(f"{where_}: parameter is read-only")
     spans = []
+    layouts = []
     for name, arr, a in (("parameter", data, da), (what, grad, ga)):
-        if not a.contiguous(arr):
-            raise ValueError(f"{where_}: {name} is not C-contiguous; pass a contiguous array "
-                             "(numpy.ascontiguousarray)")
+        layouts.append(a.contiguous(arr) or arrays.layout(arr))
+        if not layouts[-1]:
+            raise ValueError(f"{where_}: {name} has gaps or overlaps in memory (strides "
+                             f"{a.strides(arr)}); pass a dense array (numpy.ascontiguousarray, "
+                             "torch's .contiguous())")
         start, size = a.data_ptr(arr), a.itemsize(arr)
         if start % size:
             raise ValueError(f"{where_}: {name} is not aligned to its element size; "
                              "copy it (numpy.require(a, requirements='A'))")
         spans.append((start, start + a.numel(arr) * size))
+    if layouts[0] is not layouts[1] and arrays.layout(data) != arrays.layout(grad):
+        raise ValueError(f"{where_}: the {what} is laid out differently from the parameter "
+                         f"(strides {ga.strides(grad)}, the parameter's {da.strides(data)}); an "
+                         "elementwise update needs both in one memory order: make them match "
+                         "(e.g. .contiguous(memory_format=...))")
     if arrays.overlap(*spans):
         raise ValueError(f"{where_}: parameter and {what} share memory")
     return pd, gd, spans
 
 
 def _new_state(data, slot: Slot, group: dict):
-    """A new state buffer for parameter array `data`, filled with the slot's initial value."""
-    buf = arrays.zeros(data, tuple(data.shape), slot.dtype)
+    """A new state buffer for parameter array `data` (its layout), filled with the slot's
+    initial value."""
+    buf = arrays.zeros_as(data, slot.dtype)
     value = group[slot.init] if isinstance(slot.init, str) else slot.init
     if value:
         buf[...] = float(value)
@@ -795,7 +851,7 @@ _SLOT_NAMES = {"param": "parameter", "grad": "gradient", "accum": "accumulated g
 
 def _fits(buf, data, dt: DType) -> bool:
     """Whether `buf` can be a state buffer of parameter array `data` as it is: same library,
-    device and shape, dtype `dt`, native, writeable, contiguous and aligned."""
+    device, shape and layout, dtype `dt`, native, writeable and aligned."""
     a = arrays.adapter(buf)
     return (
         a is not None
@@ -803,11 +859,16 @@ def _fits(buf, data, dt: DType) -> bool:
         and buf.shape == data.shape
         and a.name == arrays.adapter(data).name
         and a.device(buf) == a.device(data)
-        and a.contiguous(buf)
+        and (a.contiguous(buf) and a.contiguous(data) or _same_layout(buf, data))
         and a.writeable(buf)
         and a.aligned(buf)
         and a.unsupported(buf) is None
     )
+
+
+def _same_layout(a, b) -> bool:
+    layout = arrays.layout(a)
+    return layout is not None and layout == arrays.layout(b)
 
 
 def _state_array(where_: str, what: str, buf, data, dt: DType) -> tuple[object, bool]:
@@ -827,7 +888,7 @@ def _state_array(where_: str, what: str, buf, data, dt: DType) -> tuple[object, 
     problem = arrays.adapter(buf).unsupported(buf)
     if problem is not None or arrays.dtype(buf) is None:
         raise ValueError(f"{where_}: {what}: {problem or f'dtype {buf.dtype} is not a float'}")
-    converted = arrays.zeros(data, tuple(data.shape), dt)
+    converted = arrays.zeros_as(data, dt)
     arrays.assign(converted, buf)
     return converted, True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from ..ir import DType, Slot, UpdateRule, scalar, sqrt, tensor
-from .adam import check_flag, check_not_maximizing, lerp
+from .adam import check_flag, lerp
 from .optimizer import Optimizer, check_number, check_scale_and_clip
 from .prologue import clips, decays, prologue, prologue_scalars
 from .registry import register
@@ -137,7 +137,6 @@ class RMSprop(Optimizer):
         check_number("momentum", group["momentum"])
         check_scale_and_clip(group)
         check_flag("centered", group["centered"])
-        check_not_maximizing(group)
 
     examples = {"momentum": (0.0, 0.5), "centered": (False, True), "weight_decay": (0.0, 0.01),
                 "clip_norm": (0.0, 1.0), "alpha": (0.9,), "eps": (1e-3,), "scale": (0.5,)}

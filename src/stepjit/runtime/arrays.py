@@ -57,6 +57,13 @@ class _Numpy:
     def contiguous(self, x) -> bool:
         return x.flags.c_contiguous
 
+    def strides(self, x) -> tuple | None:
+        """Strides in elements, or None when one is not a whole number of elements."""
+        size = x.itemsize
+        if any(s % size for s in x.strides):
+            return None
+        return tuple(s // size for s in x.strides)
+
     def aligned(self, x) -> bool:
         return x.flags.aligned
 
@@ -69,6 +76,12 @@ class _Numpy:
 
     def zeros(self, like, shape, dt: DType):
         return np.zeros(shape, dt.to_numpy())
+
+    def zeros_as(self, like, dt: DType):
+        return np.zeros_like(like, dtype=dt.to_numpy(), order="K")
+
+    def flat(self, x):
+        return x.ravel(order="K")
 
     def copy(self, x):
         return x.copy()
@@ -96,6 +109,11 @@ class _Cupy(_Numpy):
         cp = _cupy()
         with cp.cuda.Device(like.device.id):
             return cp.zeros(shape, dt.to_numpy())
+
+    def zeros_as(self, like, dt: DType):
+        cp = _cupy()
+        with cp.cuda.Device(like.device.id):
+            return cp.zeros_like(like, dtype=dt.to_numpy(), order="K")
 
     def host_view(self, x) -> np.ndarray:
         raise TypeError("a CuPy array is not a host array")
@@ -132,6 +150,9 @@ class _Torch:
     def contiguous(self, x) -> bool:
         return x.is_contiguous()
 
+    def strides(self, x) -> tuple:
+        return x.stride()
+
     def aligned(self, x) -> bool:
         return x.data_ptr() % x.element_size() == 0
 
@@ -149,18 +170,31 @@ class _Torch:
     def zeros(self, like, shape, dt: DType):
         return _torch().zeros(shape, dtype=self.torch_dtypes[dt], device=like.device)
 
-    def copy(self, x):
-        return x.detach().clone()
+    def zeros_as(self, like, dt: DType):
+        t = _torch()
+        return t.zeros_like(like, dtype=self.torch_dtypes[dt], memory_format=t.preserve_format,
+                            requires_grad=False)
 
-    def check_parameter(self, where: str, x) -> None:
-        """Raise unless tensor `x` can be a parameter: dense, on cpu or cuda, a leaf that
-        requires grad."""
+    def flat(self, x):
+        return x.detach().as_strided((x.numel(),), (1,))
+
+    def copy(self, x):
+        return x.detach().clone(memory_format=_torch().preserve_format)
+
+    def check_parameter(self, where: str, x, frozen: bool = False) -> None:
+        """Raise unless tensor `x` can be a parameter: strided, on cpu or cuda, a leaf that
+        requires grad (or not, with `frozen`: torch's optimizers take frozen tensors and skip
+        them while they have no gradient)."""
+        if x.is_complex():
+            raise ValueError(f"{where}: complex parameters are not supported (stepjit updates "
+                             f"real floating-point tensors; got {x.dtype}); optimize "
+                             "torch.view_as_real(p) instead")
         if (problem := self.unsupported(x)) is not None:
             raise ValueError(f"{where}: {problem}")
         if not x.is_leaf:
             raise ValueError(f"{where}: the torch tensor is not a leaf (it is computed from "
                              "other tensors); optimize the leaf tensors it comes from")
-        if not x.requires_grad:
+        if not (x.requires_grad or frozen):
             raise ValueError(f"{where}: the torch tensor does not require grad")
 
     @staticmethod
@@ -237,12 +271,13 @@ def is_parameter(x: object) -> bool:
     return is_torch(x)
 
 
-def check_parameter(where: str, x) -> None:
-    """Raise TypeError or ValueError unless x can be updated as a parameter by itself."""
+def check_parameter(where: str, x, frozen: bool = False) -> None:
+    """Raise TypeError or ValueError unless x can be updated as a parameter by itself
+    (`frozen`: also when it does not require grad)."""
     if not is_parameter(x):
         raise TypeError(f"{where}: expected stepjit.Parameter or a torch tensor, "
                         f"got {type_name(x)}")
-    _of(x).check_parameter(where, x)
+    _of(x).check_parameter(where, x, frozen)
 
 
 def addresses(params) -> tuple:
@@ -285,6 +320,32 @@ def is_contiguous(x) -> bool:
     return _of(x).contiguous(x)
 
 
+def layout(x) -> tuple | None:
+    """How x's elements fill memory, when they fill [data_ptr, data_ptr + nbytes) exactly, with
+    no gap, overlap or negative stride: C order, or any other order of the dimensions
+    (torch's channels_last, a transposed view of a contiguous array). Two arrays of one shape
+    and layout hold element i at the same offset, so an elementwise kernel may walk both as
+    flat buffers. The layout is the strides in elements, 0 for dimensions of size 1 (their
+    stride is never used); None when x is not dense."""
+    a = _of(x)
+    strides = a.strides(x)
+    if strides is None:
+        return None
+    shape = tuple(x.shape)
+    key = tuple(s if n > 1 else 0 for n, s in zip(shape, strides))
+    expected = 1
+    for s, n in sorted((s, n) for s, n in zip(key, shape) if n > 1):
+        if s != expected:
+            return None
+        expected *= n
+    return key
+
+
+def is_dense(x) -> bool:
+    """Whether x's elements fill a range of memory exactly (see `layout`)."""
+    return layout(x) is not None
+
+
 def is_aligned(x) -> bool:
     """Whether the data pointer is a multiple of the element size."""
     a = _of(x)
@@ -292,7 +353,7 @@ def is_aligned(x) -> bool:
 
 
 def byte_span(x) -> tuple[int, int]:
-    """[start, end) of the bytes a contiguous array occupies."""
+    """[start, end) of the bytes a dense array occupies."""
     a = _of(x)
     start = a.data_ptr(x)
     return start, start + a.numel(x) * a.itemsize(x)
@@ -306,6 +367,12 @@ def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 def zeros(like, shape, dt: DType):
     """A zero-filled array of `shape` and `dt`, of the same library and device as `like`."""
     return _of(like).zeros(like, shape, dt)
+
+
+def zeros_as(like, dt: DType):
+    """A zero-filled array of dtype `dt` with the shape, layout, library and device of dense
+    array `like` (state for a channels_last parameter is channels_last)."""
+    return _of(like).zeros_as(like, dt)
 
 
 def copy(x):
@@ -332,5 +399,5 @@ def host_view(x) -> np.ndarray:
 
 
 def flat(x):
-    """A 1-D view of a contiguous array (never a copy)."""
-    return x.reshape(-1)
+    """A 1-D view of a dense array's elements in memory order (never a copy)."""
+    return _of(x).flat(x)

@@ -481,8 +481,8 @@ def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
                                  f"cuda:{kernel.device}")
             if arrays.dtype(a) is not slot.dtype:
                 raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
-            if not (arrays.is_contiguous(a) and arrays.is_aligned(a)):
-                raise ValueError(f"{where}: array must be contiguous and aligned")
+            if not (arrays.is_dense(a) and arrays.is_aligned(a)):
+                raise ValueError(f"{where}: array must be dense and aligned")
             n = arrays.numel(a)
             if size is not None and n != size:
                 raise ValueError(f"{where}: {n} elements, slot {slots[0].name} has {size}")
