@@ -70,7 +70,7 @@ class FakeArray:
         self.data = _Memory(a, FakeArray.uploads)
         self.device = types.SimpleNamespace(id=0)
         self.dtype, self.shape, self.size, self.flags = a.dtype, a.shape, a.size, a.flags
-        self.itemsize = a.itemsize
+        self.itemsize, self.strides = a.itemsize, a.strides
 
     def reshape(self, *shape):
         return FakeArray(self._a.reshape(*shape))
@@ -115,6 +115,7 @@ def fake_cupy(lib: HostLibrary, nvrtc, launches: list) -> types.ModuleType:
     cp = types.ModuleType("cupy")
     cp.ndarray = FakeArray
     cp.zeros = lambda shape, dtype: FakeArray(np.zeros(shape, dtype))
+    cp.zeros_like = lambda a, dtype, order: FakeArray(np.zeros_like(a._a, dtype, order))
     cp.empty = lambda shape, dtype: FakeArray(np.zeros(shape, dtype))
     cp.asarray = lambda a: FakeArray(np.array(a))
 

@@ -465,7 +465,11 @@ def test_torch_meta_and_sparse_tensors_get_a_clear_error():
     import stepjit.torch
     meta = torch.nn.Parameter(torch.empty(4, device="meta"))
     with pytest.raises(ValueError, match="'meta' device"):
-        stepjit.torch.SGD([meta], lr=0.1)
+        stepjit.optim.SGD([meta], lr=0.1)  # torch's face accepts it, as torch does: deferred
+    deferred = stepjit.torch.SGD([meta], lr=0.1)
+    meta.grad = torch.ones(4, device="meta")
+    with pytest.raises(RuntimeError, match="parameter 0: .* is on the meta device"):
+        deferred.step()
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = stepjit.torch.SGD(emb.parameters(), lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()

@@ -28,7 +28,7 @@ import functools
 import inspect
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,12 +37,16 @@ import torch.distributed as dist
 from . import optim as _optim
 from .optim.optimizer import required as _required
 from .parameter import Parameter
+from .runtime import arrays
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "LARS", "Optimizer", "optimizer_for"]
 
 _TORCH_FLAGS = {"foreach": None, "fused": None, "maximize": False, "capturable": False,
                 "differentiable": False}
 """torch.optim's flags that every face takes, with torch's defaults."""
+
+_DRAGON_NEUTRAL = {"scale": 1, "clip_norm": 0, "lr_mult": 1, "decay_mult": 1}
+"""stepjit's hyperparameters that torch's optimizers lack, at the values that change nothing."""
 
 _FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None}
 
@@ -65,13 +69,8 @@ class Optimizer(torch.optim.Optimizer):
         values = dict(arguments.arguments)
         params = values.pop("params")
         face = {name: values.pop(name) for name in _FACE_ARGUMENTS}
-        if isinstance(params, torch.Tensor):
-            raise TypeError("params argument given to the optimizer should be an iterable of "
-                            f"Tensors or dicts, but got {torch.typename(params)}")
-        params = list(params)
-        if values["differentiable"]:
-            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported "
-                             "(stepjit's kernels do not record autograd graphs); use torch.optim")
+        if isinstance(params, Iterable) and not isinstance(params, torch.Tensor):
+            params = list(params)  # read once: torch's class and this one both take it
         if self.torch_class is not None:  # torch's own checks of every argument, torch's errors
             names = inspect.signature(self.torch_class.__init__).parameters
             defaults = dict(self.torch_class(
@@ -79,6 +78,10 @@ class Optimizer(torch.optim.Optimizer):
         else:
             defaults = {name: values[name] for name in _TORCH_FLAGS}
         engine_defaults = _engine_defaults(self.engine, values)
+        if values["differentiable"] and self.torch_class is None:
+            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported "
+                             "(stepjit's kernels do not record autograd graphs, and torch has "
+                             "no implementation of this update to run instead)")
         defaults = {**engine_defaults, **defaults, "lr_mult": 1.0, "decay_mult": 1.0}
         super().__init__(params, defaults)
         self.process_group = face["process_group"]
@@ -86,6 +89,26 @@ class Optimizer(torch.optim.Optimizer):
         self._requested_backend = face["backend"]
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
+        self._not_dense = self._find_not_dense()
+
+    def _find_not_dense(self) -> str | None:
+        """Which parameter, if any, has gaps or overlaps in memory (a view such as x[..., 0]):
+        stepjit's kernels walk dense memory, so this optimizer's steps are then torch's."""
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if not (p.is_contiguous() or arrays.is_dense(p)):
+                    if self.torch_class is None:
+                        raise ValueError(
+                            f"param group {gi}, parameter {i} has gaps or overlaps in memory "
+                            f"(strides {p.stride()}); pass a dense tensor (.contiguous())")
+                    warnings.warn(
+                        f"{type(self).__name__}: param group {gi}, parameter {i} has gaps or "
+                        f"overlaps in memory (strides {p.stride()}): stepjit's kernels update "
+                        f"dense tensors, so every step runs torch.optim.{self.torch_class.__name__}"
+                        "'s implementation; make the parameter dense for stepjit's kernels",
+                        RuntimeWarning, stacklevel=3)
+                    return f"param group {gi}, parameter {i} is not dense"
+        return None
 
     def _new_engine(self) -> _optim.Optimizer:
         return self.engine.over(_with_numbers(self.param_groups), self.state,
@@ -97,6 +120,7 @@ class Optimizer(torch.optim.Optimizer):
         if engine is not None:  # a group added later: checked before it is kept
             try:
                 engine.adopt_group(len(self.param_groups) - 1, _numbers(self.param_groups[-1]))
+                self._not_dense = self._find_not_dense()
             except (TypeError, ValueError):
                 self.param_groups.pop()
                 raise
@@ -118,6 +142,7 @@ class Optimizer(torch.optim.Optimizer):
             self.__dict__.setdefault("_requested_backend", None)
             self._flat_grads = []
             self._engine = self._new_engine()
+            self._not_dense = self._find_not_dense()
 
     def __reduce_ex__(self, protocol):
         # faces of user optimizers are made at run time: pickle the engine class, not the face
@@ -128,24 +153,50 @@ class Optimizer(torch.optim.Optimizer):
         """The stepjit backend running the update: 'llvm', 'cuda' or 'reference'."""
         return self._engine.backend
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Average the gradients over `process_group` (if any), then update every parameter
         that has a gradient; with `torch.amp.GradScaler`, skip the update when its gradients
-        overflowed and unscale them inside the kernels otherwise."""
+        overflowed and unscale them inside the kernels otherwise.
+
+        Two things stepjit's kernels cannot do are left to torch's own implementation of the
+        same update, over this optimizer's groups and state: a step that autograd records (a
+        group with `differentiable=True`), and parameters that are not dense (a warning says
+        so when the optimizer is made)."""
+        if self._not_dense or any(g.get("differentiable") for g in self.param_groups):
+            return self._torch_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _torch_step(self, closure):
+        """torch's step of `torch_class` over this optimizer's own groups, state and flags."""
+        for gi, group in enumerate(self.param_groups):
+            for name, neutral in _DRAGON_NEUTRAL.items():
+                if group.get(name, neutral) != neutral:
+                    raise ValueError(
+                        f"param group {gi}: {name}={group[name]} is stepjit's own, which torch's "
+                        f"implementation lacks, and this step must be torch's "
+                        f"({self._not_dense or 'differentiable=True'})")
+        twin = self.torch_class.__new__(self.torch_class)
+        twin.__dict__ = self.__dict__  # one set of attributes: the state is this optimizer's
+        step = self.torch_class.step
+        if getattr(step, "hooked", False):  # this optimizer's own step already ran the hooks
+            step = step.__wrapped__
+        return step(twin, closure)
+
+    def _step(self) -> None:
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0:
-            return loss
+            return
         grad_scale = getattr(self, "grad_scale", None)
         if self.process_group is not None:
             self.average_gradients()
         self._engine.share(_with_numbers(self.param_groups), self.state)
         self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale))
-        return loss
 
     def accumulate_grad(self) -> None:
         """Dragon's gradient accumulation: see `stepjit.optim.Optimizer.accumulate_grad`."""

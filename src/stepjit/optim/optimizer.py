@@ -74,6 +74,19 @@ class _Plan:
     rows: dict = field(default_factory=dict)  # param -> (batch, row, index in group, .data)
     spans: Spans | None = None  # the memory it touches, one row per (tensor, slot)
     spans_offset: list[int] = field(default_factory=list)  # first row of each batch in `spans`
+    moves: _Moves | None = None  # torch's gradients: how to re-point them in bulk
+
+
+@dataclass
+class _Moves:
+    """Where each parameter of a group (by index) has its gradient bound, for re-pointing a
+    step's launches at new gradients in bulk: (batch, row) or -1, its row in the plan's spans,
+    its size in bytes and its element size."""
+
+    bound: np.ndarray  # [n, 2] int64
+    span_row: np.ndarray  # [n] int64
+    nbytes: np.ndarray  # [n] uint64
+    itemsize: np.ndarray  # [n] uint64
 
 
 @dataclass
@@ -132,6 +145,8 @@ class Optimizer:
         self._members = {p for g in param_groups for p in g["params"]}
         self._exclusive = Exclusive(type(self).__name__)
         self._step_count = None
+        self._built = 0  # plans stored so far: the key of `_written_spans`
+        self._written: tuple | None = None
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
@@ -140,15 +155,16 @@ class Optimizer:
         not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
 
         As in torch, a tensor that does not require grad is accepted (and skipped while it has
-        no gradient). `step_count`, when given, turns each parameter's step count (a 0-d
-        float32 array that the optimizer updates in place) into what `state[p]["step"]` holds
-        (torch: a tensor sharing its memory)."""
+        no gradient), and so is one on the meta device (to be materialized before a step).
+        `step_count`, when given, turns each parameter's step count (a 0-d float32 array that
+        the optimizer updates in place) into what `state[p]["step"]` holds (torch: a tensor
+        sharing its memory)."""
         self = cls.__new__(cls)
         self._setup({}, param_groups, state, backend)
         self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
-                _check_param(f"param group {index}, parameter {i}", p, frozen=True)
+                _check_param(f"param group {index}, parameter {i}", p, as_torch=True)
             self._check_group(index, group)
         self._untracked = any(arrays.is_parameter(p) for g in param_groups for p in g["params"])
         self._backend = self._select_backend()
@@ -169,10 +185,11 @@ class Optimizer:
         `index`, and take it into account from the next call; raise, changing nothing, when
         one of its tensors or hyperparameters is not accepted."""
         for i, p in enumerate(group["params"]):
-            _check_param(f"param group {index}, parameter {i}", p, frozen=True)
+            _check_param(f"param group {index}, parameter {i}", p, as_torch=True)
         self._check_group(index, group)
-        select_backend(self._requested_backend,
-                       {arrays.device(_array(p)) for p in group["params"]} | {self._device})
+        devices = {arrays.device(_array(p)) for p in group["params"]}
+        if self._device is not None and not any(d.startswith("meta") for d in devices):
+            select_backend(self._requested_backend, devices | {self._device})
         self._members.update(group["params"])
         self._state_gen += 1
 
@@ -209,7 +226,8 @@ class Optimizer:
     @property
     def backend(self) -> str:
         """The name of the backend in use: 'reference', 'llvm' or 'cuda'."""
-        return self._backend.name
+        backend = self._chosen_backend()
+        return "deferred" if backend is None else backend.name
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group: a dict with "params" and any hyperparameters that override the defaults."""
@@ -383,8 +401,13 @@ class Optimizer:
     def _devices(self) -> set[str]:
         return {arrays.device(_array(p)) for g in self.param_groups for p in g["params"]}
 
-    def _select_backend(self) -> Backend:
-        devices = self._devices()
+    def _select_backend(self) -> Backend | None:
+        """The backend for where the parameters live. Tensors on torch's meta device have no
+        memory and take no part (deferred initialization); None while all of them are there."""
+        devices = {d for d in self._devices() if not d.startswith("meta")}
+        if not devices and any(True for g in self.param_groups for _ in g["params"]):
+            self._device = None
+            return None
         self._device = next(iter(devices), "cpu")
         return select_backend(self._requested_backend, devices)
 
@@ -399,6 +422,13 @@ class Optimizer:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
 
+    def _chosen_backend(self) -> Backend | None:
+        """The backend, chosen now if the parameters were on the meta device until now (None
+        while they all still are)."""
+        if self._backend is None:
+            self._backend = self._select_backend()
+        return self._backend
+
     def _plans_for(self, kind: str, pending: frozenset,
                    scalars: list[dict] | None = None) -> list[_Plan]:
         """The launches for `kind` ('step', 'accumulate', 'zero') of every group (`scalars`:
@@ -409,9 +439,10 @@ class Optimizer:
         the memory of all groups is checked for aliasing and every launch is bound; only then
         are the new state buffers, step counts and plans stored.
         """
+        backend = self._chosen_backend()
         generation = _parameter.generation()
         ready: list[_Plan | None] = []
-        todo, refreshed = [], []
+        todo, refreshed, moved = [], [], []
         for index, group in enumerate(self.param_groups):
             structure = self.structure(group) if kind == "step" else None
             params = group["params"]
@@ -426,6 +457,13 @@ class Optimizer:
                 if plan.generation == generation and plan.addresses == addresses:
                     ready.append(plan)
                     continue
+                staged = None
+                if plan.moves is not None and not pending and plan.generation == generation:
+                    staged = self._stage_moved(plan, addresses)
+                    if staged is not None:  # checked in bulk: no overlap check below
+                        ready.append(plan)
+                        moved.append((plan, staged, generation, addresses))
+                        continue
                 staged = self._stage_refresh(kind, index, plan, pending, addresses)
                 if staged is not None:
                     ready.append(plan)
@@ -442,8 +480,9 @@ class Optimizer:
                 b.rule for b in ready[index].batches]
             _check_scalars(index, rules, values)
         if not todo and not refreshed:
+            self._commit_refreshed(moved)
             return ready
-        refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed}
+        refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed + moved}
         built_spans = {index: _join_spans([d.spans for d in drafts[index]])
                        for index, _, _, _ in todo}
         if kind != "zero":  # zero_grad writes zeros: overlapping gradients are harmless there
@@ -456,19 +495,19 @@ class Optimizer:
                          members=frozenset(params))
             plan.spans_offset = list(np.cumsum([0] + [len(d.spans) for d in drafts[index]]))
             for d in drafts[index]:
-                launch = self._backend.bind(self._backend.compile(d.rule), d.tensors, d.per_tensor)
+                launch = backend.bind(backend.compile(d.rule), d.tensors, d.per_tensor)
                 if self._untracked:  # the token's address check stands in for the references
                     launch.forget("grad")
                 for j, (p, i) in enumerate(zip(d.params, d.indices)):
                     plan.rows[p] = (len(plan.batches), j, i, _array(p))
                 plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column))
             plan.params = frozenset(plan.rows)
+            if kind == "step" and self._untracked and all(
+                    b.launch.repoints_addresses for b in plan.batches):
+                plan.moves = _moves_of(plan, len(params))
             built[index] = plan
         # commit: nothing below can fail on bad input
-        for plan, (spans, repoints), generation_, addresses in refreshed:
-            for b, rows, grads in repoints:
-                plan.batches[b].launch.repoint("grad", rows, grads)
-            plan.spans, plan.generation, plan.addresses = spans, generation_, addresses
+        self._commit_refreshed(refreshed + moved)
         for index, plan in built.items():
             for d in drafts[index]:
                 for p, name, buf in d.new_state:
@@ -481,10 +520,68 @@ class Optimizer:
                 for b in plan.batches:
                     b.steps = self._step_counts(b.params)
             self._plans[(kind, index)] = ready[index] = plan
+            self._built += 1
         entries = len(self.state)
         for plan in self._plans.values():  # new state entries are the plans' own
             plan.token = (plan.token[0], entries, *plan.token[2:])
         return ready
+
+    @staticmethod
+    def _commit_refreshed(refreshed: list) -> None:
+        """Re-point the launches of refreshed plans (checked: nothing here fails on bad input)."""
+        for plan, (spans, repoints), generation, addresses in refreshed:
+            for b, rows, grads in repoints:
+                launch = plan.batches[b].launch
+                if isinstance(grads, tuple):  # (addresses, sizes), from `_stage_moved`
+                    launch.repoint_addresses("grad", rows, *grads)
+                else:
+                    launch.repoint("grad", rows, grads)
+            plan.spans, plan.generation, plan.addresses = spans, generation, addresses
+
+    def _stage_moved(self, plan: _Plan, addresses: list):
+        """`_stage_refresh` for torch's gradients in bulk: when the only change since the plan
+        was refreshed is that some gradients are new tensors of the same kind (strides, shape,
+        dtype, device; torch's `zero_grad()` frees them and backward makes new ones), the only
+        checks left are their alignment and that none overlaps memory that a step of any group
+        writes: a few vectorized operations, whatever the number of tensors. None when
+        anything else changed (`_stage_refresh` or a rebuild then checks, and names a culprit)."""
+        (ptrs, metas), (old_ptrs, old_metas) = addresses, plan.addresses
+        if metas != old_metas:
+            return None
+        m = plan.moves
+        new = np.array(ptrs, np.uint64)
+        idx = np.flatnonzero(new != np.array(old_ptrs, np.uint64))
+        bound = m.bound[idx]
+        if (bound[:, 0] < 0).any():
+            return None  # a gradient appeared: a new row
+        ptrs = new[idx]
+        nbytes = m.nbytes[idx]
+        ends = ptrs + nbytes
+        starts_w, ends_w = self._written_spans()
+        last = np.searchsorted(starts_w, ends, side="left") - 1  # the last write starting before
+        if (ptrs % m.itemsize[idx]).any() or (
+                (last >= 0) & (ends_w[np.maximum(last, 0)] > ptrs) & (nbytes > 0)).any():
+            return None
+        table = plan.spans.table.copy()
+        rows = m.span_row[idx]
+        table[rows, 0], table[rows, 1] = ptrs, ends
+        moves = []
+        for b in np.unique(bound[:, 0]):
+            sel = bound[:, 0] == b
+            moves.append((int(b), bound[sel, 1], (ptrs[sel], nbytes[sel])))
+        return Spans(table, plan.spans.labels), moves
+
+    def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """The [start, end) of every non-empty range a step writes, over all groups, sorted
+        (disjoint: checked when the plans were built)."""
+        if self._written is None or self._written[0] != self._built:
+            tables = [p.spans.table for (kind, _), p in self._plans.items()
+                      if kind == "step" and p.spans is not None]
+            t = np.concatenate(tables) if tables else np.zeros((0, 3), np.uint64)
+            t = t[(t[:, 2] == 1) & (t[:, 1] > t[:, 0])]
+            t = t[np.argsort(t[:, 0], kind="stable")]
+            self._written = (self._built, t[:, 0].copy(), t[:, 1].copy())
+        return self._written[1], self._written[2]
 
     def _stage_refresh(self, kind: str, index: int, plan: _Plan, pending: frozenset,
                        addresses: tuple | None):
@@ -547,6 +644,12 @@ class Optimizer:
             if grad is None:
                 continue
             data = _array(p)
+            if arrays.device(data).startswith("meta"):
+                raise RuntimeError(
+                    f"{where_}: `fused=True` requires all the params to be floating point "
+                    "Tensors of supported devices (cpu, cuda), and stepjit's step is always "
+                    "fused: this one is on the meta device; materialize the parameters first "
+                    "(module.to_empty(device=...)), then make the optimizer")
             if arrays.device(data) != self._device:
                 raise ValueError(f"{where_}: parameter is on {arrays.device(data)}, but the "
                                  f"optimizer runs on {self._device} (backend {self.backend!r})")
@@ -776,9 +879,9 @@ def _array(p):
     return p.data if isinstance(p, Parameter) else p
 
 
-def _check_param(where_: str, p, frozen: bool = False) -> None:
+def _check_param(where_: str, p, as_torch: bool = False) -> None:
     if not isinstance(p, Parameter):
-        arrays.check_parameter(where_, p, frozen)
+        arrays.check_parameter(where_, p, as_torch)
 
 
 def _check_gradient(where_: str, grad) -> DType:
@@ -936,6 +1039,22 @@ def check_disjoint(parts: list[Spans]) -> None:
     )
 
 
+def _moves_of(plan: _Plan, n: int) -> _Moves:
+    """Where each of the `n` parameters of a freshly built step plan has its gradient bound."""
+    bound = np.full((n, 2), -1, np.int64)
+    span_row = np.zeros(n, np.int64)
+    nbytes = np.zeros(n, np.uint64)
+    itemsize = np.ones(n, np.uint64)
+    for b, j, i, data in plan.rows.values():
+        rule = plan.batches[b].rule
+        k = [slot.name for slot in rule.slots].index("grad")
+        bound[i] = (b, j)
+        span_row[i] = plan.spans_offset[b] + j * len(rule.slots) + k
+        itemsize[i] = rule.slots[k].dtype.itemsize
+        nbytes[i] = arrays.numel(data) * int(itemsize[i])
+    return _Moves(bound, span_row, nbytes, itemsize)
+
+
 def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list | None:
     """The parameters whose `.grad` or `.data` may have changed since `plan` was built or
     refreshed, or None when a rebuild is simpler (a tensor moved, too long ago to tell)."""
@@ -943,11 +1062,12 @@ def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list 
     if changed is None:
         return None
     if addresses is not None:
-        if len(addresses) != len(plan.addresses):
+        (ptrs, metas), (old_ptrs, old_metas) = addresses, plan.addresses
+        if len(ptrs) != len(old_ptrs):
             return None
-        for i, (now, then) in enumerate(zip(addresses, plan.addresses)):
-            if now != then:
-                if now[2:] != then[2:]:  # the tensor itself moved or changed its layout
+        for i, (now, then) in enumerate(zip(metas, old_metas)):
+            if now != then or ptrs[i] != old_ptrs[i]:
+                if now[:4] != then[:4]:  # the tensor itself moved or changed its layout
                     return None
                 changed.append(params[i])
     return changed

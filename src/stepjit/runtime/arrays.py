@@ -181,10 +181,13 @@ class _Torch:
     def copy(self, x):
         return x.detach().clone(memory_format=_torch().preserve_format)
 
-    def check_parameter(self, where: str, x, frozen: bool = False) -> None:
-        """Raise unless tensor `x` can be a parameter: strided, on cpu or cuda, a leaf that
-        requires grad (or not, with `frozen`: torch's optimizers take frozen tensors and skip
-        them while they have no gradient)."""
+    def check_parameter(self, where: str, x, as_torch: bool = False) -> None:
+        """Raise unless tensor `x` can be a parameter: real, strided, on cpu or cuda, a leaf
+        that requires grad. `as_torch`: what torch.optim accepts too, a tensor that does not
+        require grad (skipped while it has no gradient) or is on the meta device (deferred
+        initialization: materialized before the first step)."""
+        if as_torch and x.device.type == "meta" and x.is_leaf and x.layout == _torch().strided:
+            return
         if x.is_complex():
             raise ValueError(f"{where}: complex parameters are not supported (stepjit updates "
                              f"real floating-point tensors; got {x.dtype}); optimize "
@@ -194,30 +197,31 @@ class _Torch:
         if not x.is_leaf:
             raise ValueError(f"{where}: the torch tensor is not a leaf (it is computed from "
                              "other tensors); optimize the leaf tensors it comes from")
-        if not (x.requires_grad or frozen):
+        if not (x.requires_grad or as_torch):
             raise ValueError(f"{where}: the torch tensor does not require grad")
 
     @staticmethod
-    def addresses(params) -> tuple:
-        """What torch may change without telling us, per tensor: (gradient address, whether the
-        gradient is contiguous, then the tensor's address, shape, dtype, contiguity).
+    def addresses(params) -> tuple[list, list]:
+        """What torch may change without telling us: each gradient's address (0 for none), and
+        per tensor its (address, shape, strides, dtype), then its gradient's (strides, shape,
+        dtype, device) when it has one.
 
         Launch tables of torch parameters do not keep gradients alive (`Launch.forget`), so that
-        `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. A gradient at
-        the same address is then as good as the old one only if it is laid out the same: torch
-        keeps a gradient's shape, dtype and device equal to its tensor's, not its strides. A
-        change in anything after the first two entries (`.data` replaced, resized, transposed)
-        means the tensor must be checked again with its state.
+        `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. Gradients
+        whose entries differ from the bound ones only in their addresses are new tensors of the
+        same kind, which a launch can be re-pointed at; anything else (a gradient laid out
+        otherwise, `.data` replaced, resized or transposed) means the tensor is checked again.
         """
         try:
-            return tuple([
-                (0, True, p.data_ptr(), p.shape, p.dtype, p.is_contiguous()) if p.grad is None
-                else (p.grad.data_ptr(), p.grad.is_contiguous(), p.data_ptr(), p.shape, p.dtype,
-                      p.is_contiguous())
-                for p in params
-            ])
+            grads = [p.grad for p in params]
+            return [0 if g is None else g.data_ptr() for g in grads], [
+                (p.data_ptr(), p.shape, p.stride(), p.dtype) if g is None
+                else (p.data_ptr(), p.shape, p.stride(), p.dtype, g.stride(), g.shape, g.dtype,
+                      g.device)
+                for p, g in zip(params, grads)
+            ]
         except (RuntimeError, AttributeError):  # a sparse gradient, a tensor of another kind:
-            return tuple((object(),) * 6 for _ in params)  # a rebuild's checks name it
+            return [0] * len(params), [object()] * len(params)  # a rebuild's checks name it
 
     def host_view(self, x) -> np.ndarray:
         t = _torch()
@@ -271,16 +275,16 @@ def is_parameter(x: object) -> bool:
     return is_torch(x)
 
 
-def check_parameter(where: str, x, frozen: bool = False) -> None:
+def check_parameter(where: str, x, as_torch: bool = False) -> None:
     """Raise TypeError or ValueError unless x can be updated as a parameter by itself
-    (`frozen`: also when it does not require grad)."""
+    (`as_torch`: see `_Torch.check_parameter`)."""
     if not is_parameter(x):
         raise TypeError(f"{where}: expected stepjit.Parameter or a torch tensor, "
                         f"got {type_name(x)}")
-    _of(x).check_parameter(where, x, frozen)
+    _of(x).check_parameter(where, x, as_torch)
 
 
-def addresses(params) -> tuple:
+def addresses(params) -> tuple[list, list]:
     """Where the gradient and values of each tensor parameter live (see `_Torch.addresses`)."""
     return _Torch.addresses(params)
 

@@ -6,6 +6,7 @@
     launch.set_per_tensor("first", 0.0)                 # read afresh at the next call
     launch.forget("grad")                               # let the gradients be freed
     launch.repoint("grad", rows, new_grads)             # new arrays, same tables
+    launch.repoint_addresses("grad", rows, ptrs, nbytes)  # the same, for a forgotten slot
 
 `tensors` is a list, one entry per tensor, of arrays in the rule's slot order, each already
 checked by the caller against its parameter (shape, dtype, device, layout, overlaps); a launch
@@ -51,10 +52,20 @@ class Launch(abc.ABC):
     can_repoint: bool = False
     """Whether `repoint` is supported (otherwise the caller binds a new launch)."""
 
+    repoints_addresses: bool = False
+    """Whether `repoint_addresses` is supported."""
+
     def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
         """Bind `tensors` in place of the arrays of `slot` at `rows` (same shapes and dtypes,
         already checked by the caller): a gradient replaced by a new array of the same kind is
         picked up without rebuilding the tables."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
+
+    def repoint_addresses(self, slot: str, rows: np.ndarray, addresses: np.ndarray,
+                          nbytes: np.ndarray) -> None:
+        """`repoint` for a slot the launch does not hold (`forget`), by raw address: `nbytes`
+        must be what the kernel touches at each row (checked, in bulk); the caller checked the
+        rest (dtype, device, layout, overlaps) and keeps each array alive while it is used."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
 
     def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence,
@@ -84,6 +95,25 @@ class Launch(abc.ABC):
         """
         k = [s.name for s in self.rule.slots].index(slot)
         self.held = [t[:k] + (None,) + t[k + 1 :] for t in self.held]
+        self.forgotten = self.forgotten | {slot}
+
+    forgotten: frozenset = frozenset()
+    """The slots whose arrays the launch does not hold (see `forget`)."""
+
+    def _repoint_check(self, slot: str, rows: np.ndarray, nbytes: np.ndarray,
+                       numel: np.ndarray) -> int:
+        """The index of forgotten slot `slot`, once `nbytes` is checked against what the kernel
+        touches at `rows` (`numel`: the elements of each bound tensor)."""
+        if slot not in self.forgotten:
+            raise ValueError(f"{self.rule.name}: slot {slot} holds its arrays: use repoint")
+        k = [s.name for s in self.rule.slots].index(slot)
+        want = numel[rows] * self.rule.slots[k].dtype.itemsize
+        bad = np.flatnonzero(nbytes != want)
+        if len(bad):
+            j = bad[0]
+            raise ValueError(f"{self.rule.name}: tensor {rows[j]}, slot {slot}: {nbytes[j]} bytes "
+                             f"where the kernel expects {want[j]}")
+        return k
 
 
 class Backend(abc.ABC):
