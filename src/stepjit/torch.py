@@ -16,8 +16,10 @@ face. Every class also takes Dragon's `scale` and `clip_norm`, and:
 Parameters are updated in place through their data pointers (CPU tensors with the LLVM backend,
 CUDA tensors with the CUDA backend), whatever their dense layout (channels_last too); nothing is
 copied. stepjit's step is always one fused kernel per group and dtype, so `foreach` and `fused`
-are accepted and change nothing; `maximize`, a tensor `lr` and frozen parameters work as in
-torch; `differentiable=True`, complex parameters and sparse gradients are refused with an error.
+are accepted and change nothing; `maximize`, a tensor `lr`, frozen parameters and parameters
+made on the meta device (materialized before the first step) work as in torch. What the kernels
+cannot do runs torch's own implementation of the update over the same state (`differentiable=
+True`, parameters that are not dense); complex parameters and sparse gradients are refused.
 
 Importing this module imports torch; `import stepjit` alone never does.
 """
@@ -250,7 +252,6 @@ class Optimizer(torch.optim.Optimizer):
         return torch.empty(numel, dtype=bucket[0].dtype, device=bucket[0].device)
 
 
-@functools.cache
 def optimizer_for(engine: type[_optim.Optimizer], torch_class: type | None = None) -> type:
     """The `torch.optim.Optimizer` class running stepjit optimizer `engine`'s rule (made once).
 
@@ -265,6 +266,11 @@ def optimizer_for(engine: type[_optim.Optimizer], torch_class: type | None = Non
     """
     if not (isinstance(engine, type) and issubclass(engine, _optim.Optimizer)):
         raise TypeError(f"optimizer_for needs a stepjit.optim.Optimizer subclass, got {engine!r}")
+    return _face(engine, torch_class)
+
+
+@functools.cache
+def _face(engine: type[_optim.Optimizer], torch_class: type | None) -> type:
     name = engine.__name__
     face = type(name, (Optimizer,), {
         "engine": engine, "torch_class": torch_class, "__module__": __name__,

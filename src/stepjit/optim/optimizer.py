@@ -79,14 +79,41 @@ class _Plan:
 
 @dataclass
 class _Moves:
-    """Where each parameter of a group (by index) has its gradient bound, for re-pointing a
-    step's launches at new gradients in bulk: (batch, row) or -1, its row in the plan's spans,
-    its size in bytes and its element size."""
+    """Where the gradients of a step plan are bound, for re-pointing its launches at new
+    gradients in bulk: per bound parameter, in (batch, row) order, its index in the group, its
+    row in the plan's spans, its gradient's size in bytes and element size; and per batch, the
+    launch rows and the slice of that order they take."""
 
-    bound: np.ndarray  # [n, 2] int64
+    index: np.ndarray  # [n] int64
     span_row: np.ndarray  # [n] int64
     nbytes: np.ndarray  # [n] uint64
     itemsize: np.ndarray  # [n] uint64
+    batches: list[tuple[int, np.ndarray, slice]]
+
+
+@dataclass
+class _Moved:
+    """New gradients of one plan, checked and ready to be re-pointed (see `_stage_moved`)."""
+
+    plan: _Plan
+    ptrs: np.ndarray
+    ends: np.ndarray
+
+    def spans(self) -> Spans:
+        """The plan's spans with the new gradients in (a copy: nothing is committed yet)."""
+        table = self.plan.spans.table.copy()
+        rows = self.plan.moves.span_row
+        table[rows, 0], table[rows, 1] = self.ptrs, self.ends
+        return Spans(table, self.plan.spans.labels)
+
+    def commit(self, generation: int, addresses: tuple) -> None:
+        plan, m = self.plan, self.plan.moves
+        plan.spans.table[m.span_row, 0] = self.ptrs
+        plan.spans.table[m.span_row, 1] = self.ends
+        for b, rows, part in m.batches:
+            plan.batches[b].launch.repoint_addresses("grad", rows, self.ptrs[part],
+                                                     m.nbytes[part])
+        plan.generation, plan.addresses = generation, addresses
 
 
 @dataclass
@@ -459,7 +486,7 @@ class Optimizer:
                     continue
                 staged = None
                 if plan.moves is not None and not pending and plan.generation == generation:
-                    staged = self._stage_moved(plan, addresses)
+                    staged = self._stage_moved(plan, addresses)  # torch's set_to_none loop
                     if staged is not None:  # checked in bulk: no overlap check below
                         ready.append(plan)
                         moved.append((plan, staged, generation, addresses))
@@ -482,7 +509,8 @@ class Optimizer:
         if not todo and not refreshed:
             self._commit_refreshed(moved)
             return ready
-        refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed + moved}
+        refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed}
+        refreshed_spans.update({id(plan): staged.spans() for plan, staged, _, _ in moved})
         built_spans = {index: _join_spans([d.spans for d in drafts[index]])
                        for index, _, _, _ in todo}
         if kind != "zero":  # zero_grad writes zeros: overlapping gradients are harmless there
@@ -504,7 +532,7 @@ class Optimizer:
             plan.params = frozenset(plan.rows)
             if kind == "step" and self._untracked and all(
                     b.launch.repoints_addresses for b in plan.batches):
-                plan.moves = _moves_of(plan, len(params))
+                plan.moves = _moves_of(plan)
             built[index] = plan
         # commit: nothing below can fail on bad input
         self._commit_refreshed(refreshed + moved)
@@ -529,47 +557,34 @@ class Optimizer:
     @staticmethod
     def _commit_refreshed(refreshed: list) -> None:
         """Re-point the launches of refreshed plans (checked: nothing here fails on bad input)."""
-        for plan, (spans, repoints), generation, addresses in refreshed:
+        for plan, staged, generation, addresses in refreshed:
+            if isinstance(staged, _Moved):
+                staged.commit(generation, addresses)
+                continue
+            spans, repoints = staged
             for b, rows, grads in repoints:
-                launch = plan.batches[b].launch
-                if isinstance(grads, tuple):  # (addresses, sizes), from `_stage_moved`
-                    launch.repoint_addresses("grad", rows, *grads)
-                else:
-                    launch.repoint("grad", rows, grads)
+                plan.batches[b].launch.repoint("grad", rows, grads)
             plan.spans, plan.generation, plan.addresses = spans, generation, addresses
 
-    def _stage_moved(self, plan: _Plan, addresses: list):
+    def _stage_moved(self, plan: _Plan, addresses: tuple) -> _Moved | None:
         """`_stage_refresh` for torch's gradients in bulk: when the only change since the plan
-        was refreshed is that some gradients are new tensors of the same kind (strides, shape,
-        dtype, device; torch's `zero_grad()` frees them and backward makes new ones), the only
-        checks left are their alignment and that none overlaps memory that a step of any group
-        writes: a few vectorized operations, whatever the number of tensors. None when
+        was refreshed is that gradients are new tensors of the same kind (strides, shape, dtype,
+        device; torch's `zero_grad()` frees them and backward makes new ones), what is left to
+        check is their alignment and that none overlaps memory a step of any group writes: a
+        few vectorized operations over every bound gradient, whatever their number. None when
         anything else changed (`_stage_refresh` or a rebuild then checks, and names a culprit)."""
-        (ptrs, metas), (old_ptrs, old_metas) = addresses, plan.addresses
-        if metas != old_metas:
+        (ptrs, metas), old_metas = addresses, plan.addresses[1]
+        if metas != old_metas:  # also: no gradient appeared or went away
             return None
         m = plan.moves
-        new = np.array(ptrs, np.uint64)
-        idx = np.flatnonzero(new != np.array(old_ptrs, np.uint64))
-        bound = m.bound[idx]
-        if (bound[:, 0] < 0).any():
-            return None  # a gradient appeared: a new row
-        ptrs = new[idx]
-        nbytes = m.nbytes[idx]
-        ends = ptrs + nbytes
+        new = np.array(ptrs, np.uint64)[m.index]
+        ends = new + m.nbytes
         starts_w, ends_w = self._written_spans()
         last = np.searchsorted(starts_w, ends, side="left") - 1  # the last write starting before
-        if (ptrs % m.itemsize[idx]).any() or (
-                (last >= 0) & (ends_w[np.maximum(last, 0)] > ptrs) & (nbytes > 0)).any():
+        if (new % m.itemsize).any() or (
+                (last >= 0) & (ends_w[np.maximum(last, 0)] > new) & (m.nbytes > 0)).any():
             return None
-        table = plan.spans.table.copy()
-        rows = m.span_row[idx]
-        table[rows, 0], table[rows, 1] = ptrs, ends
-        moves = []
-        for b in np.unique(bound[:, 0]):
-            sel = bound[:, 0] == b
-            moves.append((int(b), bound[sel, 1], (ptrs[sel], nbytes[sel])))
-        return Spans(table, plan.spans.labels), moves
+        return _Moved(plan, new, ends)
 
     def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """The [start, end) of every non-empty range a step writes, over all groups, sorted
@@ -1039,20 +1054,24 @@ def check_disjoint(parts: list[Spans]) -> None:
     )
 
 
-def _moves_of(plan: _Plan, n: int) -> _Moves:
-    """Where each of the `n` parameters of a freshly built step plan has its gradient bound."""
-    bound = np.full((n, 2), -1, np.int64)
-    span_row = np.zeros(n, np.int64)
-    nbytes = np.zeros(n, np.uint64)
-    itemsize = np.ones(n, np.uint64)
-    for b, j, i, data in plan.rows.values():
+def _moves_of(plan: _Plan) -> _Moves:
+    """Where the gradients of a freshly built step plan are bound."""
+    rows = sorted(plan.rows.values(), key=lambda r: r[:2])  # (batch, row, index, data)
+    index = np.array([r[2] for r in rows], np.int64)
+    span_row, nbytes, itemsize, batches = [], [], [], []
+    for b, j, _, data in rows:
         rule = plan.batches[b].rule
         k = [slot.name for slot in rule.slots].index("grad")
-        bound[i] = (b, j)
-        span_row[i] = plan.spans_offset[b] + j * len(rule.slots) + k
-        itemsize[i] = rule.slots[k].dtype.itemsize
-        nbytes[i] = arrays.numel(data) * int(itemsize[i])
-    return _Moves(bound, span_row, nbytes, itemsize)
+        span_row.append(plan.spans_offset[b] + j * len(rule.slots) + k)
+        itemsize.append(rule.slots[k].dtype.itemsize)
+        nbytes.append(arrays.numel(data) * itemsize[-1])
+    start = 0
+    for b, batch in enumerate(plan.batches):
+        n = len(batch.params)
+        batches.append((b, np.arange(n), slice(start, start + n)))
+        start += n
+    return _Moves(index, np.array(span_row, np.int64), np.array(nbytes, np.uint64),
+                  np.array(itemsize, np.uint64), batches)
 
 
 def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list | None:

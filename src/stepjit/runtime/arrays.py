@@ -183,10 +183,11 @@ class _Torch:
 
     def check_parameter(self, where: str, x, as_torch: bool = False) -> None:
         """Raise unless tensor `x` can be a parameter: real, strided, on cpu or cuda, a leaf
-        that requires grad. `as_torch`: what torch.optim accepts too, a tensor that does not
-        require grad (skipped while it has no gradient) or is on the meta device (deferred
-        initialization: materialized before the first step)."""
-        if as_torch and x.device.type == "meta" and x.is_leaf and x.layout == _torch().strided:
+        that requires grad. `as_torch`: what torch.optim accepts too (torch checked the
+        rest), a tensor that does not require grad (skipped while it has no gradient), is not a
+        leaf (differentiable=True) or is on the meta device (deferred initialization:
+        materialized before the first step)."""
+        if as_torch and x.device.type == "meta" and x.layout == _torch().strided:
             return
         if x.is_complex():
             raise ValueError(f"{where}: complex parameters are not supported (stepjit updates "
@@ -194,7 +195,7 @@ class _Torch:
                              "torch.view_as_real(p) instead")
         if (problem := self.unsupported(x)) is not None:
             raise ValueError(f"{where}: {problem}")
-        if not x.is_leaf:
+        if not (x.is_leaf or as_torch):
             raise ValueError(f"{where}: the torch tensor is not a leaf (it is computed from "
                              "other tensors); optimize the leaf tensors it comes from")
         if not (x.requires_grad or as_torch):
