@@ -166,7 +166,9 @@ def _child_step(n: int, conn) -> None:
 
 def test_a_forked_child_steps_after_the_parent_used_its_threads(monkeypatch):
     monkeypatch.setenv("STEPJIT_NUM_THREADS", "2")
+    monkeypatch.setenv("STEPJIT_THREADS_BACKEND", "pool")  # torch's team: test_omp_team.py
     cpu.num_threads.cache_clear()
+    cpu.threads_backend.cache_clear()
     cpu._pool.cache_clear()
     n = 4 * cpu.PARALLEL_MIN  # large enough to be split across the thread pool
     try:
@@ -188,6 +190,7 @@ def test_a_forked_child_steps_after_the_parent_used_its_threads(monkeypatch):
         assert parent.recv() == n * 0.75
     finally:
         cpu.num_threads.cache_clear()
+        cpu.threads_backend.cache_clear()
         cpu._pool.cache_clear()
 
 

@@ -4,8 +4,18 @@ compile:  lower (codegen.llvm) -> parse -> optimize (new pass manager, O3, host 
           object code -> loaded into one MCJIT engine. Object code is cached in memory and on
           disk (`DiskCache`), keyed by the rule's text, the target and the library versions.
 launch:   one native call per (group, dtype combination) over a table of every tensor, split
-          into chunks; large launches are split across a persistent thread pool (ctypes
-          releases the GIL during the call).
+          into chunks; a large launch (PARALLEL_MIN elements or more) is split across threads:
+          - once torch is imported, those of torch's OpenMP team (`omp.py`): its workers spin on
+            the cores after each torch op, and a second pool would compete with them;
+          - otherwise a persistent thread pool of stepjit's own (ctypes releases the GIL during
+            the call), as in a forked child, where the parent's OpenMP team is unusable.
+
+Environment:
+    STEPJIT_NUM_THREADS      threads a step may use (default: every core this process may run
+                             on); on torch's team, at most torch's thread count.
+    STEPJIT_THREADS_BACKEND  whose threads a large launch runs on: "omp" (an OpenMP team whenever
+                             libgomp is loaded, torch imported or not), "pool" (stepjit's own);
+                             unset: the team when torch is imported and libgomp is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import ctypes.util
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -31,7 +42,7 @@ import numpy as np
 from .._version import __version__
 from ..codegen import llvm as codegen
 from ..ir import UpdateRule
-from . import arrays
+from . import arrays, omp
 from . import cache as kcache
 from .backend import Backend, Launch
 
@@ -360,7 +371,9 @@ class CPULaunch(Launch):
             _addr(a) for a in (self._ptrs, self._chunks, self._tchunks, self._partials,
                                per_tensor, self._scalars)
         )
-        self.parts = _split(self._chunks, num_threads() if numel.sum() >= PARALLEL_MIN else 1)
+        self._parallel = bool(numel.sum() >= PARALLEL_MIN)
+        self.parts = _split(self._chunks, num_threads() if self._parallel else 1)  # the pool's
+        self.team: TeamSplit | None = None  # the split for torch's OpenMP team, once used
 
     can_repoint = True
 
@@ -368,12 +381,45 @@ class CPULaunch(Launch):
         k = self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
+    repoints_addresses = True
+
+    def repoint_addresses(self, slot: str, rows: np.ndarray, addresses: np.ndarray,
+                          nbytes: np.ndarray) -> None:
+        k = self._repoint_check(slot, rows, nbytes, self._numel)
+        self._ptrs[rows, k] = addresses
+
     def __call__(self, scalars: Sequence[float]) -> None:
         if scalars:
             self._scalars[: len(scalars)] = scalars
+        threads = _team_threads() if self._parallel else 0
+        if threads:
+            if self.team is None or self.team.threads != threads:
+                self.team = TeamSplit(self.kernel, self._args, self._chunks, threads)
+            self.team()
+            return
         if self.kernel.reduce is not None:
             _run_parts(self.kernel.reduce, self._args, self.parts)
         _run_parts(self.kernel.update, self._args, self.parts)
+
+
+class TeamSplit:
+    """A launch's chunks split for `threads` threads of an OpenMP team, and the work handed to
+    it: the reduce pass, if any, then the update pass, one team (one barrier) each."""
+
+    def __init__(self, kernel: CPUKernel, args: tuple, chunks: np.ndarray, threads: int) -> None:
+        self.threads = threads
+        self.parts = _split(chunks, threads)
+        bounds = np.array([lo for lo, _ in self.parts] + [self.parts[-1][1]], np.int64)
+        functions = [f for f in (kernel.reduce, kernel.update) if f is not None]
+        self._serial = [(f, args) for f in functions] if len(self.parts) == 1 else []
+        self._work = [] if self._serial else [
+            omp.Work(ctypes.cast(f, ctypes.c_void_p).value, args, bounds) for f in functions]
+
+    def __call__(self) -> None:
+        for function, args in self._serial:  # one part: no team (one thread, or one chunk)
+            function(*args, *self.parts[0])
+        for work in self._work:
+            omp.run(work, len(self.parts))
 
 
 def check_sizes(rule: UpdateRule, tensors: list[tuple], numel: np.ndarray) -> None:
@@ -434,6 +480,31 @@ def num_threads() -> int:
 
 
 @cache
+def threads_backend() -> str:
+    """STEPJIT_THREADS_BACKEND: "omp", "pool", or "auto" when unset (see the module's doc)."""
+    env = os.environ.get("STEPJIT_THREADS_BACKEND", "") or "auto"
+    if env not in ("omp", "pool", "auto"):
+        raise ValueError(f"STEPJIT_THREADS_BACKEND={env!r}: expected 'omp' (torch's OpenMP "
+                         "threads) or 'pool' (stepjit's own), or unset")
+    return env
+
+
+def _team_threads() -> int:
+    """How many threads of an OpenMP team a large launch runs on: torch's thread count, at most
+    `num_threads()`; 0 for stepjit's own pool instead. A process without torch never touches
+    OpenMP unless STEPJIT_THREADS_BACKEND=omp asks for it."""
+    backend = threads_backend()
+    if _forked or backend == "pool" or (backend == "auto" and "torch" not in sys.modules):
+        return 0
+    if not omp.available():
+        return 0
+    return max(1, min(omp.max_threads(), num_threads()))
+
+
+_forked = False  # this process was forked: its OpenMP team, if any, is its parent's
+
+
+@cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, num_threads() - 1), thread_name_prefix="stepjit")
 
@@ -441,6 +512,10 @@ def _pool() -> ThreadPoolExecutor:
 def _after_fork_in_child() -> None:
     # A forked child inherits the pool's bookkeeping but none of its threads: work submitted to
     # it would wait forever. The child starts a pool of its own when it first needs one.
+    # libgomp has the same flaw and no such remedy (a child whose parent ran a team hangs in its
+    # first parallel region): a forked child never runs a launch on OpenMP (`_team_threads`).
+    global _forked
+    _forked = True
     _pool.cache_clear()
     num_threads.cache_clear()  # the child may run on other cores
     for backend in _BACKENDS:  # another thread may have been compiling: its lock is stale
