@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import optim as _optim
+from .optim.optimizer import _snapshot
 from .optim.optimizer import required as _required
 from .parameter import Parameter
 from .runtime import arrays
@@ -170,8 +171,7 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            self._step()
+        self._step()  # no autograd: kernels take raw addresses (average_gradients: no_grad)
         return loss
 
     def _torch_step(self, closure):
@@ -197,12 +197,24 @@ class Optimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         if self.process_group is not None:
             self.average_gradients()
-        self._engine.share(_with_numbers(self.param_groups), self.state)
+        self._engine.share(self._numeric_groups(), self.state)
         self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale))
+
+    def _numeric_groups(self) -> list[dict]:
+        """The groups as the kernels read them (`_with_numbers`), found with one comparison of
+        each group with its copy from the last call while all their values are immutable."""
+        groups, plain = self.param_groups, self.__dict__.get("_plain")
+        if plain is not None and len(plain) == len(groups) and all(
+                g["params"] is p["params"] and g == p for g, p in zip(groups, plain)):
+            return groups
+        found = _with_numbers(groups)
+        snapshots = [_snapshot(g) for g in groups]
+        self._plain = snapshots if found is groups and None not in snapshots else None
+        return found
 
     def accumulate_grad(self) -> None:
         """Dragon's gradient accumulation: see `stepjit.optim.Optimizer.accumulate_grad`."""
-        self._engine.share(_with_numbers(self.param_groups), self.state)
+        self._engine.share(self._numeric_groups(), self.state)
         self._engine.accumulate_grad()
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ from ..ir.ops import Op
 from ..parameter import Parameter
 from ..runtime import arrays
 from ..runtime.backend import Backend, Launch
+from ..runtime.repoint import Program
 from ..runtime.select import select_backend
 from .exclusive import Exclusive
 
@@ -58,6 +59,7 @@ class _Batch:
     launch: Launch
     first_column: int | None  # index of the per-tensor `first` flag, when the rule has one
     steps: np.ndarray | None = None  # per-tensor step counts (optimizers with counts_steps)
+    first_set: bool = True  # some `first` flag may be 1: cleared after the next launch
 
 
 @dataclass
@@ -81,38 +83,75 @@ class _Plan:
 class _Moves:
     """Where the gradients of a step plan are bound, for re-pointing its launches at new
     gradients in bulk: per bound parameter, in (batch, row) order, its index in the group, its
-    row in the plan's spans, its gradient's size in bytes and element size; and per batch, the
-    launch rows and the slice of that order they take."""
+    row in the plan's spans, its gradient's size in bytes and element size; per batch, the
+    launch rows and the part of that order they take; and, for host tables, the native program
+    that checks and writes them all in one call (`runtime.repoint`)."""
 
     index: np.ndarray  # [n] int64
     span_row: np.ndarray  # [n] int64
     nbytes: np.ndarray  # [n] uint64
     itemsize: np.ndarray  # [n] uint64
-    batches: list[tuple[int, np.ndarray, slice]]
+    batches: list[tuple[int, np.ndarray, np.ndarray, slice]]  # (batch, rows, nbytes, part)
+    program: Program | None = None
+    written: int = -1  # the `_built` count the program's written ranges are from
+
+
+@dataclass
+class _Settings:
+    """A group's hyperparameters as last checked, and what they make: a copy of the group
+    (None when a value is mutable, such as a list or a tensor: `==` could not tell it changed),
+    its parameter list, its structure and kernel arguments, and the plan whose rules these
+    arguments were last checked against."""
+
+    snapshot: dict | None
+    params: list
+    structure: tuple
+    scalars: dict
+    checked: _Plan | None = None
+
+
+def _snapshot(group: dict) -> dict | None:
+    """A copy of `group` that `==` tells apart from any later state of it (lists of plain
+    values copied: torch's `param_names`), sharing its parameter list; None when a value could
+    change unseen (a tensor, any other object)."""
+    copy = dict(group)
+    for key, value in group.items():
+        if key == "params" or _immutable(value):
+            continue
+        if type(value) is list and all(map(_immutable, value)):
+            copy[key] = list(value)
+        else:
+            return None
+    return copy
+
+
+def _immutable(value) -> bool:
+    kind = type(value)
+    if kind is tuple:
+        return all(map(_immutable, value))
+    return kind in (float, int, bool, str, type(None))
 
 
 @dataclass
 class _Moved:
-    """New gradients of one plan, checked and ready to be re-pointed (see `_stage_moved`)."""
+    """New gradients of one plan, checked (and, by a native program, already written)."""
 
     plan: _Plan
-    ptrs: np.ndarray
-    ends: np.ndarray
+    ptrs: list  # every parameter's gradient address (0: none)
+    written: bool
 
-    def spans(self) -> Spans:
-        """The plan's spans with the new gradients in (a copy: nothing is committed yet)."""
-        table = self.plan.spans.table.copy()
-        rows = self.plan.moves.span_row
-        table[rows, 0], table[rows, 1] = self.ptrs, self.ends
-        return Spans(table, self.plan.spans.labels)
+    def new(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bound gradients' addresses and ends, in `_Moves` order."""
+        m = self.plan.moves
+        new = np.array(self.ptrs, np.uint64)[m.index]
+        return new, new + m.nbytes
 
     def commit(self, generation: int, addresses: tuple) -> None:
-        plan, m = self.plan, self.plan.moves
-        plan.spans.table[m.span_row, 0] = self.ptrs
-        plan.spans.table[m.span_row, 1] = self.ends
-        for b, rows, part in m.batches:
-            plan.batches[b].launch.repoint_addresses("grad", rows, self.ptrs[part],
-                                                     m.nbytes[part])
+        plan = self.plan
+        if not self.written:
+            new, _ = self.new()
+            for b, rows, nbytes, part in plan.moves.batches:
+                plan.batches[b].launch.repoint_addresses("grad", rows, new[part], nbytes)
         plan.generation, plan.addresses = generation, addresses
 
 
@@ -172,6 +211,7 @@ class Optimizer:
         self._members = {p for g in param_groups for p in g["params"]}
         self._exclusive = Exclusive(type(self).__name__)
         self._step_count = None
+        self._settings: list[_Settings] = []  # each group's, as of the last step
         self._built = 0  # plans stored so far: the key of `_written_spans`
         self._written: tuple | None = None
 
@@ -313,11 +353,12 @@ class Optimizer:
         """
         with self._exclusive:
             pending = self._pending
-            for index, group in enumerate(self.param_groups):
-                self._check_group(index, group)
-            scalars = [self._scalars(index, group, grad_scale)
-                       for index, group in enumerate(self.param_groups)]
-            plans = self._plans_for("step", pending, scalars)
+            settings = self._settings_of_groups()
+            scalars = [s.scalars for s in settings]
+            if grad_scale != 1.0:
+                scalars = [self._unscaled(index, values, grad_scale)
+                           for index, values in enumerate(scalars)]
+            plans = self._plans_for("step", pending, scalars, settings)
             per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
                           in enumerate(zip(self.param_groups, plans))]
             # torch may free a gradient the tables point at (another thread's set_to_none):
@@ -332,6 +373,7 @@ class Optimizer:
                     if plan.kind == "accumulate":
                         for b in plan.batches:
                             b.launch.set_per_tensor("first", 1.0)
+                            b.first_set = True
 
     def accumulate_grad(self) -> None:
         """Add every gradient into its parameter's accumulation buffer (copy on the first call)."""
@@ -456,10 +498,11 @@ class Optimizer:
             self._backend = self._select_backend()
         return self._backend
 
-    def _plans_for(self, kind: str, pending: frozenset,
-                   scalars: list[dict] | None = None) -> list[_Plan]:
-        """The launches for `kind` ('step', 'accumulate', 'zero') of every group (`scalars`:
-        each group's kernel arguments, checked against the types the kernels compute in).
+    def _plans_for(self, kind: str, pending: frozenset, scalars: list[dict] | None = None,
+                   settings: list[_Settings] | None = None) -> list[_Plan]:
+        """The launches for `kind` ('step', 'accumulate', 'zero') of every group (for a step:
+        each group's kernel arguments, checked against the types the kernels compute in, and
+        its settings).
 
         Tables are rebuilt in three phases, so that a failure anywhere changes nothing: every
         tensor and state buffer of every group is checked and missing state is allocated aside;
@@ -471,7 +514,7 @@ class Optimizer:
         ready: list[_Plan | None] = []
         todo, refreshed, moved = [], [], []
         for index, group in enumerate(self.param_groups):
-            structure = self.structure(group) if kind == "step" else None
+            structure = settings[index].structure if kind == "step" else None
             params = group["params"]
             # the parameters themselves (a list edited in place), and the number of entries of
             # `state` (one deleted to start a parameter afresh)
@@ -503,14 +546,23 @@ class Optimizer:
             for index, _, structure, _ in todo
         }
         for index, values in enumerate(scalars or ()):
-            rules = [d.rule for d in drafts[index]] if index in drafts else [
-                b.rule for b in ready[index].batches]
-            _check_scalars(index, rules, values)
+            if index in drafts:
+                _check_scalars(index, [d.rule for d in drafts[index]], values)
+            elif settings[index].checked is not ready[index] or values is not (
+                    settings[index].scalars):  # new values, or rules: check them
+                _check_scalars(index, [b.rule for b in ready[index].batches], values)
+                if values is settings[index].scalars:
+                    settings[index].checked = ready[index]
         if not todo and not refreshed:
             self._commit_refreshed(moved)
             return ready
         refreshed_spans = {id(plan): staged[0] for plan, staged, _, _ in refreshed}
-        refreshed_spans.update({id(plan): staged.spans() for plan, staged, _, _ in moved})
+        refreshed_spans.update({id(plan): _spans_with(plan, staged.new())
+                                for plan, staged, _, _ in moved})
+        for plan in ready:  # a re-pointed plan's spans hold the gradients it was built with
+            if plan is not None and plan.moves is not None and id(plan) not in refreshed_spans:
+                ptrs = np.array(plan.addresses[0], np.uint64)[plan.moves.index]
+                refreshed_spans[id(plan)] = _spans_with(plan, (ptrs, ptrs + plan.moves.nbytes))
         built_spans = {index: _join_spans([d.spans for d in drafts[index]])
                        for index, _, _, _ in todo}
         if kind != "zero":  # zero_grad writes zeros: overlapping gradients are harmless there
@@ -570,21 +622,28 @@ class Optimizer:
         """`_stage_refresh` for torch's gradients in bulk: when the only change since the plan
         was refreshed is that gradients are new tensors of the same kind (strides, shape, dtype,
         device; torch's `zero_grad()` frees them and backward makes new ones), what is left to
-        check is their alignment and that none overlaps memory a step of any group writes: a
-        few vectorized operations over every bound gradient, whatever their number. None when
-        anything else changed (`_stage_refresh` or a rebuild then checks, and names a culprit)."""
+        check is their alignment and that none overlaps memory a step of any group writes: one
+        native call for host tables, which also writes them (harmless if a later group fails:
+        they then address the current gradients, checked), else a few vectorized operations.
+        None when anything else changed (`_stage_refresh` or a rebuild then checks, and names
+        a culprit)."""
         (ptrs, metas), old_metas = addresses, plan.addresses[1]
         if metas != old_metas:  # also: no gradient appeared or went away
             return None
         m = plan.moves
-        new = np.array(ptrs, np.uint64)[m.index]
-        ends = new + m.nbytes
         starts_w, ends_w = self._written_spans()
+        if m.program is not None:
+            if m.written != self._built:
+                m.program.written(starts_w, ends_w)
+                m.written = self._built
+            return _Moved(plan, ptrs, True) if m.program(ptrs) else None
+        moved = _Moved(plan, ptrs, False)
+        new, ends = moved.new()
         last = np.searchsorted(starts_w, ends, side="left") - 1  # the last write starting before
         if (new % m.itemsize).any() or (
                 (last >= 0) & (ends_w[np.maximum(last, 0)] > new) & (m.nbytes > 0)).any():
             return None
-        return _Moved(plan, new, ends)
+        return moved
 
     def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """The [start, end) of every non-empty range a step writes, over all groups, sorted
@@ -751,17 +810,32 @@ class Optimizer:
             self.state.setdefault(p, {})["step"] = view if wrap is None else wrap(view)
         return steps
 
-    def _scalars(self, index: int, group: dict, grad_scale: float) -> dict[str, float]:
-        """The kernel arguments of `group`, with its gradient factor folded into `scale`."""
-        values = self.scalars(group)
-        factor = -1.0 / grad_scale if group.get("maximize") else 1.0 / grad_scale
-        if factor != 1.0:
-            if "scale" not in values:
-                raise TypeError(f"param group {index}: {type(self).__name__}'s rule has no "
-                                "gradient 'scale' argument, so it cannot maximize or unscale "
-                                "gradients (start the rule from optim.prologue)")
-            values["scale"] *= factor
-        return values
+    def _settings_of_groups(self) -> list[_Settings]:
+        """Each group's checked settings: those of the last step when its hyperparameters are
+        the same values (one dict comparison), else checked and computed anew."""
+        found = []
+        cache = self._settings
+        for index, group in enumerate(self.param_groups):
+            known = cache[index] if index < len(cache) else None
+            if (known is None or known.snapshot is None or group["params"] is not known.params
+                    or group != known.snapshot):
+                self._check_group(index, group)
+                values = self.scalars(group)
+                if group.get("maximize"):
+                    values = self._unscaled(index, values, -1.0)
+                known = _Settings(_snapshot(group), group["params"], self.structure(group),
+                                  values)
+            found.append(known)
+        self._settings = found
+        return found
+
+    def _unscaled(self, index: int, values: dict[str, float], grad_scale: float) -> dict:
+        """Kernel arguments `values` with the gradients' factor divided out of `scale`."""
+        if "scale" not in values:
+            raise TypeError(f"param group {index}: {type(self).__name__}'s rule has no gradient "
+                            "'scale' argument, so it cannot maximize or unscale gradients (start "
+                            "the rule from optim.prologue)")
+        return {**values, "scale": values["scale"] / grad_scale}
 
     def _tensor_values(self, index: int, group: dict, plan: _Plan) -> list:
         """Each batch's (step counts, per-tensor values) for this step, checked, or None."""
@@ -789,9 +863,10 @@ class Optimizer:
             b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
             if extra is not None:
                 b.steps[:] = extra[0]  # in place: each state["step"] is a view into it
-            if b.first_column is not None:
+            if b.first_column is not None and b.first_set:
                 # the first step of these tensors is done: later launches reuse the table
                 b.launch.set_per_tensor("first", 0.0)
+                b.first_set = False
 
 
 class _ParamList(list):
@@ -1065,13 +1140,28 @@ def _moves_of(plan: _Plan) -> _Moves:
         span_row.append(plan.spans_offset[b] + j * len(rule.slots) + k)
         itemsize.append(rule.slots[k].dtype.itemsize)
         nbytes.append(arrays.numel(data) * itemsize[-1])
-    start = 0
+    nbytes_ = np.array(nbytes, np.uint64)
+    start, cells = 0, []
     for b, batch in enumerate(plan.batches):
         n = len(batch.params)
-        batches.append((b, np.arange(n), slice(start, start + n)))
+        part = slice(start, start + n)
+        batches.append((b, np.arange(n), nbytes_[part], part))
+        cells.append(batch.launch.table_cells("grad", np.arange(n), nbytes_[part]))
         start += n
-    return _Moves(index, np.array(span_row, np.int64), np.array(nbytes, np.uint64),
-                  np.array(itemsize, np.uint64), batches)
+    moves = _Moves(index, np.array(span_row, np.int64), nbytes_, np.array(itemsize, np.uint64),
+                   batches)
+    if all(c is not None for c in cells):  # host tables: one native call re-points them all
+        moves.program = Program(index, np.concatenate(cells) if cells else np.zeros(0, np.uint64),
+                                nbytes_, moves.itemsize)
+    return moves
+
+
+def _spans_with(plan: _Plan, new: tuple[np.ndarray, np.ndarray]) -> Spans:
+    """The plan's spans with its bound gradients at `new` (addresses, ends): a copy."""
+    table = plan.spans.table.copy()
+    rows = plan.moves.span_row
+    table[rows, 0], table[rows, 1] = new
+    return Spans(table, plan.spans.labels)
 
 
 def _changed_params(plan: _Plan, addresses: tuple | None, params: list) -> list | None:

@@ -7,6 +7,7 @@
     launch.forget("grad")                               # let the gradients be freed
     launch.repoint("grad", rows, new_grads)             # new arrays, same tables
     launch.repoint_addresses("grad", rows, ptrs, nbytes)  # the same, for a forgotten slot
+    launch.table_cells("grad", rows, nbytes)            # where those addresses live (host)
 
 `tensors` is a list, one entry per tensor, of arrays in the rule's slot order, each already
 checked by the caller against its parameter (shape, dtype, device, layout, overlaps); a launch
@@ -67,6 +68,13 @@ class Launch(abc.ABC):
         must be what the kernel touches at each row (checked, in bulk); the caller checked the
         rest (dtype, device, layout, overlaps) and keeps each array alive while it is used."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
+
+    def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """For a host launch that does not hold `slot`'s arrays (`forget`): the addresses of the
+        table entries holding the pointers of `slot` at `rows`, for `runtime.repoint` to write
+        new addresses of arrays of `nbytes` each (checked here, once) into; valid while the
+        launch lives. None when the tables are not host memory."""
+        return None
 
     def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence,
               numel: Sequence[int]) -> int:

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import weakref
+from array import array
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -367,6 +368,7 @@ class CPULaunch(Launch):
         n_chunks = len(self._chunks)
         self._partials = np.zeros(max(1, n_chunks * len(rule.reductions)))
         self._scalars = np.zeros(max(1, len(rule.scalars)))
+        self._scalar_cells = memoryview(self._scalars)  # written without numpy's call overhead
         self._args = tuple(
             _addr(a) for a in (self._ptrs, self._chunks, self._tchunks, self._partials,
                                per_tensor, self._scalars)
@@ -388,9 +390,15 @@ class CPULaunch(Launch):
         k = self._repoint_check(slot, rows, nbytes, self._numel)
         self._ptrs[rows, k] = addresses
 
+    def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        k = self._repoint_check(slot, rows, nbytes, self._numel)
+        width = self._ptrs.shape[1] * self._ptrs.itemsize
+        return (self._ptrs.ctypes.data + rows.astype(np.uint64) * width
+                + k * self._ptrs.itemsize).astype(np.uint64)
+
     def __call__(self, scalars: Sequence[float]) -> None:
         if scalars:
-            self._scalars[: len(scalars)] = scalars
+            self._scalar_cells[: len(scalars)] = array("d", scalars)
         threads = _team_threads() if self._parallel else 0
         if threads:
             if self.team is None or self.team.threads != threads:
