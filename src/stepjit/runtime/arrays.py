@@ -204,8 +204,10 @@ class _Torch:
     @staticmethod
     def addresses(params) -> tuple[list, list]:
         """What torch may change without telling us: each gradient's address (0 for none), and
-        per tensor its (address, shape, strides, dtype), then its gradient's (strides, shape,
-        dtype, device) when it has one.
+        per tensor its (address, strides, size in bytes, dtype), then its gradient's (strides,
+        size in bytes, dtype) when it has one. torch keeps a gradient's shape, dtype and device
+        those of its tensor when it is assigned, and `.data` cannot move a tensor to another
+        device in place; the sizes and dtypes here catch a `.data` that was replaced in place.
 
         Launch tables of torch parameters do not keep gradients alive (`Launch.forget`), so that
         `zero_grad(set_to_none=True)` frees them and backward can reuse the memory. Gradients
@@ -216,9 +218,8 @@ class _Torch:
         try:
             grads = [p.grad for p in params]
             return [0 if g is None else g.data_ptr() for g in grads], [
-                (p.data_ptr(), p.shape, p.stride(), p.dtype) if g is None
-                else (p.data_ptr(), p.shape, p.stride(), p.dtype, g.stride(), g.shape, g.dtype,
-                      g.device)
+                (p.data_ptr(), p.stride(), p.nbytes, p.dtype) if g is None
+                else (p.data_ptr(), p.stride(), p.nbytes, p.dtype, g.stride(), g.nbytes, g.dtype)
                 for p, g in zip(params, grads)
             ]
         except (RuntimeError, AttributeError):  # a sparse gradient, a tensor of another kind:

@@ -410,13 +410,23 @@ class CPULaunch(Launch):
         _run_parts(self.kernel.update, self._args, self.parts)
 
 
+TEAM_PART = 8 * CHUNK  # elements of one part of a team launch
+
+
 class TeamSplit:
     """A launch's chunks split for `threads` threads of an OpenMP team, and the work handed to
-    it: the reduce pass, if any, then the update pass, one team (one barrier) each."""
+    it: the reduce pass, if any, then the update pass, one team (one barrier) each.
+
+    Parts of about TEAM_PART elements go to the threads in turn (thread t takes parts t,
+    t + threads, ...), so that the team sweeps memory in order, together, as torch's own kernels
+    do: right after backward, the gradients written last are still in the caches, and halves
+    taken from both ends would evict them before they are read."""
 
     def __init__(self, kernel: CPUKernel, args: tuple, chunks: np.ndarray, threads: int) -> None:
         self.threads = threads
-        self.parts = _split(chunks, threads)
+        total = int((chunks[:, 2] - chunks[:, 1]).sum())
+        rounds = max(1, -(-total // (TEAM_PART * threads)))
+        self.parts = _split(chunks, threads * rounds)
         bounds = np.array([lo for lo, _ in self.parts] + [self.parts[-1][1]], np.int64)
         functions = [f for f in (kernel.reduce, kernel.update) if f is not None]
         self._serial = [(f, args) for f in functions] if len(self.parts) == 1 else []
@@ -427,7 +437,7 @@ class TeamSplit:
         for function, args in self._serial:  # one part: no team (one thread, or one chunk)
             function(*args, *self.parts[0])
         for work in self._work:
-            omp.run(work, len(self.parts))
+            omp.run(work, min(self.threads, len(self.parts)))
 
 
 def check_sizes(rule: UpdateRule, tensors: list[tuple], numel: np.ndarray) -> None:
