@@ -586,3 +586,34 @@ def test_a_per_tensor_value_float32_cannot_hold_is_refused_before_any_group_step
         opt.step()
     assert np.all(a.data == 1) and np.all(b.data == 1)  # neither group stepped
     assert all(int(st.get("step", 0)) == 0 for st in opt.state.values())
+
+
+def test_hyperparameters_edited_in_place_take_effect_at_the_next_step(backend):
+    """A group's settings are reused while they compare equal to the last checked copy: an edit
+    inside a list (betas as a list), a new value of another type (a flag set to 1) and a changed
+    number are all seen."""
+    def run(edit):
+        p = P(np.ones(4))
+        opt = stepjit.optim.Adam([p], lr=0.1, betas=[0.9, 0.999], backend=backend)
+        for k in range(3):
+            p.grad = np.full(4, float(k + 1))
+            opt.step()
+            if k == 0:
+                edit(opt.param_groups[0])
+        return p.data
+
+    def in_place(group):
+        group["betas"][0] = 0.5
+
+    def replaced(group):
+        group["betas"] = (0.5, 0.999)
+
+    np.testing.assert_array_equal(run(in_place), run(replaced))
+    assert not np.array_equal(run(in_place), run(lambda group: None))
+    p = P(np.ones(4))
+    opt = stepjit.optim.Adam([p], lr=0.1, amsgrad=True, backend=backend)
+    p.grad = np.ones(4)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = 1  # == True, yet not a bool
+    with pytest.raises(TypeError, match="amsgrad"):
+        opt.step()

@@ -99,11 +99,13 @@ class _Moves:
 @dataclass
 class _Settings:
     """A group's hyperparameters as last checked, and what they make: a copy of the group
-    (None when a value is mutable, such as a list or a tensor: `==` could not tell it changed),
-    its parameter list, its structure and kernel arguments, and the plan whose rules these
-    arguments were last checked against."""
+    (None when a value is mutable, such as a tensor: `==` could not tell it changed) and the
+    types of its values (`True == 1`, yet a flag set to 1 must be refused), its parameter list,
+    its structure and kernel arguments, and the plan whose rules these arguments were last
+    checked against."""
 
     snapshot: dict | None
+    types: list
     params: list
     structure: tuple
     scalars: dict
@@ -268,9 +270,11 @@ class Optimizer:
     counts_steps: bool = False
     """Keep a per-parameter step count in `state[param]["step"]` (Adam's bias corrections)."""
 
-    def tensor_values(self, group: dict, step: np.ndarray) -> dict[str, np.ndarray]:
+    def tensor_values(self, group: dict, step: np.ndarray | float) -> dict[str, np.ndarray]:
         """Per-tensor values for this step, computed on the host in float64 and vectorized over
-        the tensors of one launch; `step` holds each tensor's step count, this step included."""
+        the tensors of one launch; `step` holds each tensor's step count, this step included: an
+        array, or one float when every tensor of the launch is at that step (write it with
+        numpy's functions and operators, which take both)."""
         return {}
 
     def check_group(self, group: dict) -> None:
@@ -818,13 +822,13 @@ class Optimizer:
         for index, group in enumerate(self.param_groups):
             known = cache[index] if index < len(cache) else None
             if (known is None or known.snapshot is None or group["params"] is not known.params
-                    or group != known.snapshot):
+                    or group != known.snapshot or list(map(type, group.values())) != known.types):
                 self._check_group(index, group)
                 values = self.scalars(group)
                 if group.get("maximize"):
                     values = self._unscaled(index, values, -1.0)
-                known = _Settings(_snapshot(group), group["params"], self.structure(group),
-                                  values)
+                known = _Settings(_snapshot(group), list(map(type, group.values())),
+                                  group["params"], self.structure(group), values)
             found.append(known)
         self._settings = found
         return found
@@ -838,17 +842,26 @@ class Optimizer:
         return {**values, "scale": values["scale"] / grad_scale}
 
     def _tensor_values(self, index: int, group: dict, plan: _Plan) -> list:
-        """Each batch's (step counts, per-tensor values) for this step, checked, or None."""
+        """Each batch's (step counts, per-tensor values) for this step, checked, or None.
+
+        When every tensor of a batch is at the same step (they are stepped together), the
+        values are computed once, as Python floats: a handful of numpy calls per step cost more
+        than the arithmetic, above all right after backward, when the caches are cold."""
         out = []
         for b in plan.batches:
             if b.steps is None:
                 out.append(None)
                 continue
-            steps = b.steps + 1.0  # float64: the host computes in it
-            values = self.tensor_values(group, steps.astype(np.float64))
+            counts = b.steps.tolist()
+            if counts and counts.count(counts[0]) == len(counts):
+                steps = counts[0] + 1.0
+            else:
+                steps = b.steps.astype(np.float64) + 1.0  # float64: the host computes in it
+            values = self.tensor_values(group, steps)
             for name, dt, _, high in _limits(b.rule, Op.PER_TENSOR):
                 v = values.get(name)
-                if v is not None and len(v) and not np.abs(v).max() <= high:  # inf and NaN too
+                if v is not None and not (abs(v) <= high if isinstance(v, float)
+                                          else np.all(np.abs(v) <= high)):  # inf and NaN too
                     raise ValueError(f"param group {index}: per-tensor value {name} "
                                      f"({np.asarray(v).ravel()[:3]}...) cannot be represented "
                                      f"in {dt}, the type the kernel computes in")
