@@ -429,13 +429,15 @@ class TeamSplit:
         self.parts = _split(chunks, threads * rounds)
         bounds = np.array([lo for lo, _ in self.parts] + [self.parts[-1][1]], np.int64)
         functions = [f for f in (kernel.reduce, kernel.update) if f is not None]
-        self._serial = [(f, args) for f in functions] if len(self.parts) == 1 else []
+        alone = threads == 1 or len(self.parts) == 1  # no team: the calling thread does all
+        self._serial = [(f, args) for f in functions] if alone else []
+        self._all = (self.parts[0][0], self.parts[-1][1])
         self._work = [] if self._serial else [
             omp.Work(ctypes.cast(f, ctypes.c_void_p).value, args, bounds) for f in functions]
 
     def __call__(self) -> None:
-        for function, args in self._serial:  # one part: no team (one thread, or one chunk)
-            function(*args, *self.parts[0])
+        for function, args in self._serial:  # one thread, or one part: no team
+            function(*args, *self._all)
         for work in self._work:
             omp.run(work, min(self.threads, len(self.parts)))
 
