@@ -81,18 +81,15 @@ class _Plan:
 
 @dataclass
 class _Moves:
-    """Where the gradients of a step plan are bound, for re-pointing its launches at new
-    gradients in bulk: per bound parameter, in (batch, row) order, its index in the group, its
-    row in the plan's spans, its gradient's size in bytes and element size; per batch, the
-    launch rows and the part of that order they take; and, for host tables, the native program
-    that checks and writes them all in one call (`runtime.repoint`)."""
+    """Where the gradients of a step plan are bound in host tables, for re-pointing them at new
+    gradients: per bound parameter, in (batch, row) order, its index in the group, its row in
+    the plan's spans, its gradient's size in bytes; and the native program that checks every
+    new address and writes them all in one call (`runtime.repoint`)."""
 
     index: np.ndarray  # [n] int64
     span_row: np.ndarray  # [n] int64
     nbytes: np.ndarray  # [n] uint64
-    itemsize: np.ndarray  # [n] uint64
-    batches: list[tuple[int, np.ndarray, np.ndarray, slice]]  # (batch, rows, nbytes, part)
-    program: Program | None = None
+    program: Program
     written: int = -1  # the `_built` count the program's written ranges are from
 
 
@@ -136,25 +133,16 @@ def _immutable(value) -> bool:
 
 @dataclass
 class _Moved:
-    """New gradients of one plan, checked (and, by a native program, already written)."""
+    """New gradients of one plan, checked and already written into its tables."""
 
     plan: _Plan
     ptrs: list  # every parameter's gradient address (0: none)
-    written: bool
 
     def new(self) -> tuple[np.ndarray, np.ndarray]:
         """The bound gradients' addresses and ends, in `_Moves` order."""
         m = self.plan.moves
         new = np.array(self.ptrs, np.uint64)[m.index]
         return new, new + m.nbytes
-
-    def commit(self, generation: int, addresses: tuple) -> None:
-        plan = self.plan
-        if not self.written:
-            new, _ = self.new()
-            for b, rows, nbytes, part in plan.moves.batches:
-                plan.batches[b].launch.repoint_addresses("grad", rows, new[part], nbytes)
-        plan.generation, plan.addresses = generation, addresses
 
 
 @dataclass
@@ -586,8 +574,7 @@ class Optimizer:
                     plan.rows[p] = (len(plan.batches), j, i, _array(p))
                 plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column))
             plan.params = frozenset(plan.rows)
-            if kind == "step" and self._untracked and all(
-                    b.launch.repoints_addresses for b in plan.batches):
+            if kind == "step" and self._untracked:
                 plan.moves = _moves_of(plan)
             built[index] = plan
         # commit: nothing below can fail on bad input
@@ -614,8 +601,8 @@ class Optimizer:
     def _commit_refreshed(refreshed: list) -> None:
         """Re-point the launches of refreshed plans (checked: nothing here fails on bad input)."""
         for plan, staged, generation, addresses in refreshed:
-            if isinstance(staged, _Moved):
-                staged.commit(generation, addresses)
+            if isinstance(staged, _Moved):  # written when checked: only the bookkeeping
+                plan.generation, plan.addresses = generation, addresses
                 continue
             spans, repoints = staged
             for b, rows, grads in repoints:
@@ -624,30 +611,20 @@ class Optimizer:
 
     def _stage_moved(self, plan: _Plan, addresses: tuple) -> _Moved | None:
         """`_stage_refresh` for torch's gradients in bulk: when the only change since the plan
-        was refreshed is that gradients are new tensors of the same kind (strides, shape, dtype,
-        device; torch's `zero_grad()` frees them and backward makes new ones), what is left to
-        check is their alignment and that none overlaps memory a step of any group writes: one
-        native call for host tables, which also writes them (harmless if a later group fails:
-        they then address the current gradients, checked), else a few vectorized operations.
-        None when anything else changed (`_stage_refresh` or a rebuild then checks, and names
-        a culprit)."""
+        was refreshed is that gradients are new tensors of the same kind (strides, size, dtype;
+        torch's `zero_grad()` frees them and backward makes new ones), what is left to check is
+        their alignment and that none overlaps memory a step of any group writes: one native
+        call, which also writes them into the tables (harmless if a later group fails: they
+        then address the current gradients, checked). None when anything else changed
+        (`_stage_refresh` or a rebuild then checks, and names a culprit)."""
         (ptrs, metas), old_metas = addresses, plan.addresses[1]
         if metas != old_metas:  # also: no gradient appeared or went away
             return None
         m = plan.moves
-        starts_w, ends_w = self._written_spans()
-        if m.program is not None:
-            if m.written != self._built:
-                m.program.written(starts_w, ends_w)
-                m.written = self._built
-            return _Moved(plan, ptrs, True) if m.program(ptrs) else None
-        moved = _Moved(plan, ptrs, False)
-        new, ends = moved.new()
-        last = np.searchsorted(starts_w, ends, side="left") - 1  # the last write starting before
-        if (new % m.itemsize).any() or (
-                (last >= 0) & (ends_w[np.maximum(last, 0)] > new) & (m.nbytes > 0)).any():
-            return None
-        return moved
+        if m.written != self._built:
+            m.program.written(*self._written_spans())
+            m.written = self._built
+        return _Moved(plan, ptrs) if m.program(ptrs) else None
 
     def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """The [start, end) of every non-empty range a step writes, over all groups, sorted
@@ -1142,11 +1119,12 @@ def check_disjoint(parts: list[Spans]) -> None:
     )
 
 
-def _moves_of(plan: _Plan) -> _Moves:
-    """Where the gradients of a freshly built step plan are bound."""
+def _moves_of(plan: _Plan) -> _Moves | None:
+    """Where the gradients of a freshly built step plan are bound, when its launches' tables
+    are host memory (`Launch.table_cells`); None otherwise."""
     rows = sorted(plan.rows.values(), key=lambda r: r[:2])  # (batch, row, index, data)
     index = np.array([r[2] for r in rows], np.int64)
-    span_row, nbytes, itemsize, batches = [], [], [], []
+    span_row, nbytes, itemsize = [], [], []
     for b, j, _, data in rows:
         rule = plan.batches[b].rule
         k = [slot.name for slot in rule.slots].index("grad")
@@ -1155,18 +1133,15 @@ def _moves_of(plan: _Plan) -> _Moves:
         nbytes.append(arrays.numel(data) * itemsize[-1])
     nbytes_ = np.array(nbytes, np.uint64)
     start, cells = 0, []
-    for b, batch in enumerate(plan.batches):
+    for batch in plan.batches:
         n = len(batch.params)
-        part = slice(start, start + n)
-        batches.append((b, np.arange(n), nbytes_[part], part))
-        cells.append(batch.launch.table_cells("grad", np.arange(n), nbytes_[part]))
+        cells.append(batch.launch.table_cells("grad", np.arange(n), nbytes_[start:start + n]))
         start += n
-    moves = _Moves(index, np.array(span_row, np.int64), nbytes_, np.array(itemsize, np.uint64),
-                   batches)
-    if all(c is not None for c in cells):  # host tables: one native call re-points them all
-        moves.program = Program(index, np.concatenate(cells) if cells else np.zeros(0, np.uint64),
-                                nbytes_, moves.itemsize)
-    return moves
+    if any(c is None for c in cells):
+        return None
+    program = Program(index, np.concatenate(cells) if cells else np.zeros(0, np.uint64),
+                      nbytes_, np.array(itemsize, np.uint64))
+    return _Moves(index, np.array(span_row, np.int64), nbytes_, program)
 
 
 def _spans_with(plan: _Plan, new: tuple[np.ndarray, np.ndarray]) -> Spans:

@@ -6,8 +6,8 @@
     launch.set_per_tensor("first", 0.0)                 # read afresh at the next call
     launch.forget("grad")                               # let the gradients be freed
     launch.repoint("grad", rows, new_grads)             # new arrays, same tables
-    launch.repoint_addresses("grad", rows, ptrs, nbytes)  # the same, for a forgotten slot
-    launch.table_cells("grad", rows, nbytes)            # where those addresses live (host)
+    launch.table_cells("grad", rows, nbytes)            # where a forgotten slot's addresses
+                                                        # live (host tables: runtime.repoint)
 
 `tensors` is a list, one entry per tensor, of arrays in the rule's slot order, each already
 checked by the caller against its parameter (shape, dtype, device, layout, overlaps); a launch
@@ -52,22 +52,6 @@ class Launch(abc.ABC):
 
     can_repoint: bool = False
     """Whether `repoint` is supported (otherwise the caller binds a new launch)."""
-
-    repoints_addresses: bool = False
-    """Whether `repoint_addresses` is supported."""
-
-    def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
-        """Bind `tensors` in place of the arrays of `slot` at `rows` (same shapes and dtypes,
-        already checked by the caller): a gradient replaced by a new array of the same kind is
-        picked up without rebuilding the tables."""
-        raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
-
-    def repoint_addresses(self, slot: str, rows: np.ndarray, addresses: np.ndarray,
-                          nbytes: np.ndarray) -> None:
-        """`repoint` for a slot the launch does not hold (`forget`), by raw address: `nbytes`
-        must be what the kernel touches at each row (checked, in bulk); the caller checked the
-        rest (dtype, device, layout, overlaps) and keeps each array alive while it is used."""
-        raise NotImplementedError(f"{type(self).__name__} cannot re-point its tables")
 
     def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         """For a host launch that does not hold `slot`'s arrays (`forget`): the addresses of the

@@ -383,13 +383,6 @@ class CPULaunch(Launch):
         k = self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
-    repoints_addresses = True
-
-    def repoint_addresses(self, slot: str, rows: np.ndarray, addresses: np.ndarray,
-                          nbytes: np.ndarray) -> None:
-        k = self._repoint_check(slot, rows, nbytes, self._numel)
-        self._ptrs[rows, k] = addresses
-
     def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         k = self._repoint_check(slot, rows, nbytes, self._numel)
         width = self._ptrs.shape[1] * self._ptrs.itemsize

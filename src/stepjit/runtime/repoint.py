@@ -22,7 +22,6 @@ import ctypes
 from array import array
 from functools import cache
 
-import llvmlite.binding as llvm
 import numpy as np
 
 FUNCTION = "stepjit_repoint"
@@ -129,7 +128,10 @@ fail:
 
 @cache
 def _function():
-    """The compiled function, through ctypes (its engine kept alive with it)."""
+    """The compiled function, through ctypes (its engine kept alive with it). Only host
+    tables, made by the LLVM backend, are re-pointed: llvmlite is there when this runs."""
+    import llvmlite.binding as llvm
+
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     module = llvm.parse_assembly(_IR)
