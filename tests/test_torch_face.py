@@ -678,14 +678,21 @@ def test_set_to_none_loop_keeps_the_launch_table_and_compiles_nothing(monkeypatc
         _train_step(model, opt, batch)
     engine = ours[1]._engine
     plan = engine._plans[("step", 0)]
-    staged = []
-    real = type(engine)._stage_moved
+    staged = []  # each step: the whole step in one native call, or the bulk re-pointing
+    real, real_fast = type(engine)._stage_moved, type(engine)._step_fast
 
     def stage_moved(self, plan, addresses):
         staged.append(real(self, plan, addresses))
         return staged[-1]
 
+    def step_fast(self, settings):
+        done = real_fast(self, settings)
+        if done:
+            staged.append("one native call")
+        return done
+
     monkeypatch.setattr(type(engine), "_stage_moved", stage_moved)
+    monkeypatch.setattr(type(engine), "_step_fast", step_fast)
     stepjit.reset_cache_info()
     kept = []
     for _ in range(5):
@@ -697,6 +704,32 @@ def test_set_to_none_loop_keeps_the_launch_table_and_compiles_nothing(monkeypatc
     info = stepjit.cache_info()
     assert (info.compiles, info.disk_hits, info.memory_hits) == (0, 0, 0)  # not even looked up
     assert len(staged) == 5 and all(s is not None for s in staged)  # re-pointed in bulk
+    assert staged[-1] == "one native call"  # small launches: the steady state's whole step
+
+
+def test_the_one_call_step_follows_edits_and_refuses_bad_values_like_the_full_path():
+    """In the steady state (a step in one native call), an edited lr, a term turned on and an
+    invalid value behave as in the full path: matching torch, and an error with nothing
+    changed."""
+    ref, ours = _pair("SGD", dict(lr=0.05, momentum=0.9))
+    batch = _batch()
+    for _ in range(3):
+        for model, opt in (ref, ours):
+            _train_step(model, opt, batch)
+    assert ours[1]._engine._fast is not None
+    for edit in ({"lr": 0.01}, {"weight_decay": 0.1}, {"nesterov": True}):
+        for model, opt in (ref, ours):
+            opt.param_groups[0].update(edit)
+            _train_step(model, opt, batch)
+        _assert_match(ours, ref)
+    before = [p.detach().clone() for p in ours[0].parameters()]
+    ours[1].param_groups[0]["lr"] = -1.0
+    ours[1].zero_grad()
+    _loss(ours[0], batch).backward()
+    with pytest.raises(ValueError, match="lr"):
+        ours[1].step()
+    for p, q in zip(ours[0].parameters(), before):
+        assert torch.equal(p, q)
 
 
 def _two_of_a_shape():

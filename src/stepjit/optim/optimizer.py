@@ -89,8 +89,22 @@ class _Moves:
     index: np.ndarray  # [n] int64
     span_row: np.ndarray  # [n] int64
     nbytes: np.ndarray  # [n] uint64
+    itemsize: np.ndarray  # [n] uint64
+    cells: np.ndarray  # [n] uint64: where each gradient's address is stored
     program: Program
     written: int = -1  # the `_built` count the program's written ranges are from
+
+
+@dataclass
+class _FastStep:
+    """A whole step of a torch training loop's steady state in one native call: every group's
+    new gradients checked and re-pointed, then every launch run (all small enough for the
+    calling thread). Valid while `key` holds (nothing rebuilt, no state created or loaded)."""
+
+    key: tuple
+    settings: list  # each group's `_Settings` whose scalars the kernels were checked against
+    plans: list  # each group's step plan
+    program: Program
 
 
 @dataclass
@@ -202,6 +216,7 @@ class Optimizer:
         self._exclusive = Exclusive(type(self).__name__)
         self._step_count = None
         self._settings: list[_Settings] = []  # each group's, as of the last step
+        self._fast: _FastStep | None = None  # the steady state's step in one native call
         self._built = 0  # plans stored so far: the key of `_written_spans`
         self._written: tuple | None = None
 
@@ -346,6 +361,9 @@ class Optimizer:
         with self._exclusive:
             pending = self._pending
             settings = self._settings_of_groups()
+            if self._fast is not None and not pending and grad_scale == 1.0 and (
+                    self._step_fast(settings)):
+                return
             scalars = [s.scalars for s in settings]
             if grad_scale != 1.0:
                 scalars = [self._unscaled(index, values, grad_scale)
@@ -359,6 +377,9 @@ class Optimizer:
             for plan, values, tensor_values in zip(plans, scalars, per_tensor):
                 self._run(plan, values, tensor_values)
             del alive
+            if self._untracked and not pending and (
+                    self._fast is None or self._fast.key != self._fast_key()):
+                self._fast = self._fast_step_of(settings)
             if pending:
                 self._pending = frozenset()
                 for plan in self._plans.values():  # the next accumulation copies, not adds
@@ -791,6 +812,72 @@ class Optimizer:
             self.state.setdefault(p, {})["step"] = view if wrap is None else wrap(view)
         return steps
 
+    def _fast_key(self) -> tuple:
+        return (self._state_gen, len(self.state), self._built, _parameter.generation())
+
+    def _fast_step_of(self, settings: list[_Settings]) -> _FastStep | None:
+        """The whole step in one native call, when every group's plan re-points torch's
+        gradients natively and every launch runs in the calling thread; else None."""
+        plans = [self._plans.get(("step", i)) for i in range(len(self.param_groups))]
+        if any(plan is None or plan.moves is None for plan in plans):
+            return None
+        calls = []
+        for plan in plans:
+            for b in plan.batches:
+                found = b.launch.serial_calls()
+                if found is None:
+                    return None
+                calls += found
+        index, offset = [], 0
+        for plan in plans:
+            index.append(plan.moves.index + offset)
+            offset += len(plan.addresses[0])
+        join = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
+                else np.zeros(0, dt))
+        program = Program(join(index, np.int64), join([p.moves.cells for p in plans], np.uint64),
+                          join([p.moves.nbytes for p in plans], np.uint64),
+                          join([p.moves.itemsize for p in plans], np.uint64), calls)
+        program.written(*self._written_spans())
+        return _FastStep(self._fast_key(), list(settings), plans, program)
+
+    def _step_fast(self, settings: list[_Settings]) -> bool:
+        """A step through `_fast` when nothing but gradient addresses and kernel arguments
+        changed since it was made: checks as the full path does them, kernel arguments written,
+        then one native call. False, having changed nothing, when the full path must run."""
+        fast = self._fast
+        if fast.key != self._fast_key() or len(settings) != len(fast.settings):
+            return False
+        for index, (now, then) in enumerate(zip(settings, fast.settings)):
+            if now is not then:  # new kernel arguments: checked against the kernels' types
+                if now.structure != then.structure:
+                    return False
+                _check_scalars(index, [b.rule for b in fast.plans[index].batches], now.scalars)
+        ptrs, found = [], []
+        for group, plan in zip(self.param_groups, fast.plans):
+            addresses = arrays.addresses(group["params"])
+            if addresses[1] != plan.addresses[1]:
+                return False
+            ptrs += addresses[0]
+            found.append(addresses)
+        per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
+                      in enumerate(zip(self.param_groups, fast.plans))]
+        for plan, values, extra in zip(fast.plans, settings, per_tensor):
+            for b, more in zip(plan.batches, extra):
+                b.launch.set_scalars(tuple(values.scalars[n] for n in b.rule.scalar_names))
+                for name, column in (more[1].items() if more is not None else ()):
+                    b.launch.set_per_tensor(name, column)
+        alive = [p.grad for p in self._members]  # held while the kernels run
+        if not fast.program(ptrs):
+            return False  # a new gradient failed a check: the full path names it
+        del alive
+        fast.settings = list(settings)
+        for plan, addresses, extra in zip(fast.plans, found, per_tensor):
+            plan.addresses = addresses
+            for b, more in zip(plan.batches, extra):
+                if more is not None:
+                    b.steps[:] = more[0]  # in place: each state["step"] is a view into it
+        return True
+
     def _settings_of_groups(self) -> list[_Settings]:
         """Each group's checked settings: those of the last step when its hyperparameters are
         the same values (one dict comparison), else checked and computed anew."""
@@ -1139,9 +1226,10 @@ def _moves_of(plan: _Plan) -> _Moves | None:
         start += n
     if any(c is None for c in cells):
         return None
-    program = Program(index, np.concatenate(cells) if cells else np.zeros(0, np.uint64),
-                      nbytes_, np.array(itemsize, np.uint64))
-    return _Moves(index, np.array(span_row, np.int64), nbytes_, program)
+    cells_ = np.concatenate(cells) if cells else np.zeros(0, np.uint64)
+    itemsize_ = np.array(itemsize, np.uint64)
+    return _Moves(index, np.array(span_row, np.int64), nbytes_, itemsize_, cells_,
+                  Program(index, cells_, nbytes_, itemsize_))
 
 
 def _spans_with(plan: _Plan, new: tuple[np.ndarray, np.ndarray]) -> Spans:

@@ -60,6 +60,16 @@ class Launch(abc.ABC):
         launch lives. None when the tables are not host memory."""
         return None
 
+    def set_scalars(self, scalars: Sequence[float]) -> None:
+        """Set the kernel arguments (`rule.scalar_names` order) that `serial_calls` run with."""
+        raise NotImplementedError(f"{type(self).__name__} runs only through __call__")
+
+    def serial_calls(self) -> list[tuple[int, ...]] | None:
+        """For a host launch small enough to run in the calling thread: its passes as (function
+        address, table addresses, first chunk, end chunk), for `runtime.repoint` to run them
+        with the scalars and per-tensor values last set; None otherwise."""
+        return None
+
     def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence,
               numel: Sequence[int]) -> int:
         """Check that each of `tensors` spans the bytes the kernel touches at its row (`numel`:

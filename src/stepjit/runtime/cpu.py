@@ -383,6 +383,17 @@ class CPULaunch(Launch):
         k = self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
+    def serial_calls(self) -> list[tuple[int, ...]] | None:
+        if self._parallel:
+            return None
+        lo, hi = self.parts[0]
+        return [(ctypes.cast(f, ctypes.c_void_p).value, *self._args, lo, hi)
+                for f in (self.kernel.reduce, self.kernel.update) if f is not None]
+
+    def set_scalars(self, scalars: Sequence[float]) -> None:
+        if scalars:
+            self._scalar_cells[: len(scalars)] = array("d", scalars)
+
     def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         k = self._repoint_check(slot, rows, nbytes, self._numel)
         width = self._ptrs.shape[1] * self._ptrs.itemsize
@@ -390,8 +401,7 @@ class CPULaunch(Launch):
                 + k * self._ptrs.itemsize).astype(np.uint64)
 
     def __call__(self, scalars: Sequence[float]) -> None:
-        if scalars:
-            self._scalar_cells[: len(scalars)] = array("d", scalars)
+        self.set_scalars(scalars)
         threads = _team_threads() if self._parallel else 0
         if threads:
             if self.team is None or self.team.threads != threads:

@@ -9,6 +9,7 @@ then every write) in one call of a few lines of native code, compiled once per p
     program = Program(cells, nbytes, itemsize)   # where each address goes, what it must span
     program.written(starts, ends)                # sorted, disjoint ranges the step writes
     program(addresses)                           # True: checked and written; False: nothing
+    Program(..., calls=[...])                    # then runs these kernels (a whole step)
 
 Gradient i is `addresses[index[i]]`; it must be aligned to its element size and its
 [address, address + nbytes) must not overlap any written range; only when every one passes is
@@ -26,7 +27,8 @@ import numpy as np
 
 FUNCTION = "stepjit_repoint"
 
-# ctx: n, index, nbytes, mask (itemsize - 1), cells, written starts, written ends, n written
+# ctx: n, index, nbytes, mask (itemsize - 1), cells, written starts, written ends, n written,
+# calls, n calls
 _IR = f"""
 define i64 @{FUNCTION}(ptr %ctx, ptr %new) {{
 entry:
@@ -104,7 +106,7 @@ passed:
 write:
   %w = phi i64 [ 0, %check ], [ %w.next, %store ]
   %wmore = icmp ult i64 %w, %n
-  br i1 %wmore, label %store, label %done
+  br i1 %wmore, label %store, label %calls
 
 store:
   %wj.at = getelementptr inbounds i64, ptr %index, i64 %w
@@ -116,6 +118,39 @@ store:
   store i64 %wp, ptr %cell
   %w.next = add i64 %w, 1
   br label %write
+
+calls:  ; then each launch: kernel(tables..., first chunk, end chunk)
+  %c = phi i64 [ 0, %write ], [ %c.next, %call ]
+  %callv.at = getelementptr inbounds i64, ptr %ctx, i64 8
+  %callv = load ptr, ptr %callv.at
+  %nc.at = getelementptr inbounds i64, ptr %ctx, i64 9
+  %nc = load i64, ptr %nc.at
+  %cmore = icmp ult i64 %c, %nc
+  br i1 %cmore, label %call, label %done
+
+call:
+  %offset = mul i64 %c, 9
+  %row = getelementptr inbounds i64, ptr %callv, i64 %offset
+  %fn = load ptr, ptr %row
+  %a0.at = getelementptr inbounds i64, ptr %row, i64 1
+  %a0 = load ptr, ptr %a0.at
+  %a1.at = getelementptr inbounds i64, ptr %row, i64 2
+  %a1 = load ptr, ptr %a1.at
+  %a2.at = getelementptr inbounds i64, ptr %row, i64 3
+  %a2 = load ptr, ptr %a2.at
+  %a3.at = getelementptr inbounds i64, ptr %row, i64 4
+  %a3 = load ptr, ptr %a3.at
+  %a4.at = getelementptr inbounds i64, ptr %row, i64 5
+  %a4 = load ptr, ptr %a4.at
+  %a5.at = getelementptr inbounds i64, ptr %row, i64 6
+  %a5 = load ptr, ptr %a5.at
+  %lo.at = getelementptr inbounds i64, ptr %row, i64 7
+  %lo.c = load i64, ptr %lo.at
+  %hi.at = getelementptr inbounds i64, ptr %row, i64 8
+  %hi.c = load i64, ptr %hi.at
+  call void %fn(ptr %a0, ptr %a1, ptr %a2, ptr %a3, ptr %a4, ptr %a5, i64 %lo.c, i64 %hi.c)
+  %c.next = add i64 %c, 1
+  br label %calls
 
 done:
   ret i64 -1
@@ -144,10 +179,12 @@ def _function():
 
 
 class Program:
-    """The re-pointing of one set of table cells (see the module docstring)."""
+    """The re-pointing of one set of table cells (see the module docstring); then, when every
+    address passed, `calls`: kernels run in the calling thread, each (function, its six table
+    addresses, first chunk, end chunk) as `Launch.serial_calls` gives them."""
 
     def __init__(self, index: np.ndarray, cells: np.ndarray, nbytes: np.ndarray,
-                 itemsize: np.ndarray) -> None:
+                 itemsize: np.ndarray, calls: list[tuple[int, ...]] = ()) -> None:
         n = len(index)
         if not (len(cells) == len(nbytes) == len(itemsize) == n):
             raise ValueError("index, cells, nbytes and itemsize must have one entry per gradient")
@@ -157,9 +194,11 @@ class Program:
                         (index, nbytes, np.asarray(itemsize, np.uint64) - 1, cells)]
         self._index_max = int(index.max()) if n else -1
         self._written: tuple = ()
-        self._ctx = np.zeros(8, np.uint64)
+        self._calls = np.array(calls, np.uint64).reshape(len(calls), 9)
+        self._ctx = np.zeros(10, np.uint64)
         self._ctx[0] = n
         self._ctx[1:5] = [a.ctypes.data for a in self._arrays]
+        self._ctx[8:10] = [self._calls.ctypes.data, len(calls)]
         self._ctx_address = self._ctx.ctypes.data
         self._function = _function()[0]
 
@@ -173,7 +212,7 @@ class Program:
 
     def __call__(self, addresses: list[int]) -> bool:
         """Check every new address (`addresses[index[i]]`) and, if all pass, write each into its
-        cell; False, with nothing written, when one fails."""
+        cell and run the calls; False, with nothing written or run, when one fails."""
         if len(addresses) <= self._index_max or not self._written:
             raise ValueError("an address for every indexed gradient, and the written ranges, "
                              "are needed")
