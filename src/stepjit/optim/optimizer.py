@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,6 +106,7 @@ class _FastStep:
     settings: list  # each group's `_Settings` whose scalars the kernels were checked against
     plans: list  # each group's step plan
     program: Program
+    scalars_set: bool = False  # the launches hold `settings`' kernel arguments
 
 
 @dataclass
@@ -374,6 +376,8 @@ class Optimizer:
             # torch may free a gradient the tables point at (another thread's set_to_none):
             # hold them all until the kernels are done
             alive = [p.grad for p in self._members] if self._untracked else None
+            if self._fast is not None:  # the launches get this step's kernel arguments
+                self._fast.scalars_set = False
             for plan, values, tensor_values in zip(plans, scalars, per_tensor):
                 self._run(plan, values, tensor_values)
             del alive
@@ -861,16 +865,18 @@ class Optimizer:
             found.append(addresses)
         per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
                       in enumerate(zip(self.param_groups, fast.plans))]
+        same = fast.scalars_set and all(map(operator.is_, settings, fast.settings))
         for plan, values, extra in zip(fast.plans, settings, per_tensor):
             for b, more in zip(plan.batches, extra):
-                b.launch.set_scalars(tuple(values.scalars[n] for n in b.rule.scalar_names))
+                if not same:
+                    b.launch.set_scalars(tuple(values.scalars[n] for n in b.rule.scalar_names))
                 for name, column in (more[1].items() if more is not None else ()):
                     b.launch.set_per_tensor(name, column)
+        fast.settings, fast.scalars_set = list(settings), True
         alive = [p.grad for p in self._members]  # held while the kernels run
         if not fast.program(ptrs):
             return False  # a new gradient failed a check: the full path names it
         del alive
-        fast.settings = list(settings)
         for plan, addresses, extra in zip(fast.plans, found, per_tensor):
             plan.addresses = addresses
             for b, more in zip(plan.batches, extra):
