@@ -191,10 +191,10 @@ class Optimizer(torch.optim.Optimizer):
         return step(twin, closure)
 
     def _step(self) -> None:
-        found_inf = getattr(self, "found_inf", None)
+        found_inf = self.__dict__.get("found_inf")  # set by torch.amp.GradScaler, if any
         if found_inf is not None and float(found_inf) != 0:
             return
-        grad_scale = getattr(self, "grad_scale", None)
+        grad_scale = self.__dict__.get("grad_scale")
         if self.process_group is not None:
             self.average_gradients()
         self._engine.share(self._numeric_groups(), self.state)
