@@ -732,6 +732,35 @@ def test_the_one_call_step_follows_edits_and_refuses_bad_values_like_the_full_pa
         assert torch.equal(p, q)
 
 
+def test_the_one_call_step_runs_large_launches_on_torchs_team_and_follows_its_size():
+    """A model with launches large enough for torch's OpenMP team steps in one native call too
+    (the team called from native code), and matches torch when the team's size changes."""
+    from stepjit.runtime import cpu
+
+    def make(dtype):
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(6, 512), torch.nn.ReLU(),
+                                   torch.nn.Linear(512, 1200), torch.nn.ReLU(),
+                                   torch.nn.Linear(1200, 2)).to(dtype)
+
+    assert sum(p.numel() for p in make(torch.float32).parameters()) > cpu.PARALLEL_MIN
+    threads = torch.get_num_threads()
+    ref, ours = _pair("AdamW", dict(lr=1e-3), make=make)
+    batch = _batch()
+    try:
+        for n in (2, 2, 2, 1, 1, 2):
+            torch.set_num_threads(n)
+            for model, opt in (ref, ours):
+                _train_step(model, opt, batch)
+            _assert_match(ours, ref)
+        engine = ours[1]._engine
+        assert engine._fast is not None and engine._fast_holds()
+        launch = engine._plans[("step", 0)].batches[0].launch
+        assert launch.calls_key() == (cpu._team_threads() or 0) and launch.team.threads == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _two_of_a_shape():
     torch.manual_seed(5)
     return torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]

@@ -106,6 +106,7 @@ class _FastStep:
     settings: list  # each group's `_Settings` whose scalars the kernels were checked against
     plans: list  # each group's step plan
     program: Program
+    launches: list  # (launch, its calls_key) of each call the program makes
     scalars_set: bool = False  # the launches hold `settings`' kernel arguments
 
 
@@ -381,8 +382,7 @@ class Optimizer:
             for plan, values, tensor_values in zip(plans, scalars, per_tensor):
                 self._run(plan, values, tensor_values)
             del alive
-            if self._untracked and not pending and (
-                    self._fast is None or self._fast.key != self._fast_key()):
+            if self._untracked and not pending and not self._fast_holds():
                 self._fast = self._fast_step_of(settings)
             if pending:
                 self._pending = frozenset()
@@ -819,19 +819,27 @@ class Optimizer:
     def _fast_key(self) -> tuple:
         return (self._state_gen, len(self.state), self._built, _parameter.generation())
 
+    def _fast_holds(self) -> bool:
+        """Whether `_fast` still describes the plans and launches (not whether a step may take
+        it: `_step_fast` checks the rest)."""
+        fast = self._fast
+        return fast is not None and fast.key == self._fast_key() and all(
+            launch.calls_key() == key for launch, key in fast.launches)
+
     def _fast_step_of(self, settings: list[_Settings]) -> _FastStep | None:
         """The whole step in one native call, when every group's plan re-points torch's
-        gradients natively and every launch runs in the calling thread; else None."""
+        gradients natively and every launch can be run from native code; else None."""
         plans = [self._plans.get(("step", i)) for i in range(len(self.param_groups))]
         if any(plan is None or plan.moves is None for plan in plans):
             return None
-        calls = []
+        calls, keys = [], []
         for plan in plans:
             for b in plan.batches:
-                found = b.launch.serial_calls()
+                found = b.launch.native_calls()
                 if found is None:
                     return None
                 calls += found
+                keys.append((b.launch, b.launch.calls_key()))
         index, offset = [], 0
         for plan in plans:
             index.append(plan.moves.index + offset)
@@ -842,14 +850,14 @@ class Optimizer:
                           join([p.moves.nbytes for p in plans], np.uint64),
                           join([p.moves.itemsize for p in plans], np.uint64), calls)
         program.written(*self._written_spans())
-        return _FastStep(self._fast_key(), list(settings), plans, program)
+        return _FastStep(self._fast_key(), list(settings), plans, program, keys)
 
     def _step_fast(self, settings: list[_Settings]) -> bool:
         """A step through `_fast` when nothing but gradient addresses and kernel arguments
         changed since it was made: checks as the full path does them, kernel arguments written,
         then one native call. False, having changed nothing, when the full path must run."""
         fast = self._fast
-        if fast.key != self._fast_key() or len(settings) != len(fast.settings):
+        if not self._fast_holds() or len(settings) != len(fast.settings):
             return False
         for index, (now, then) in enumerate(zip(settings, fast.settings)):
             if now is not then:  # new kernel arguments: checked against the kernels' types

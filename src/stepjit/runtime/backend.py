@@ -61,13 +61,17 @@ class Launch(abc.ABC):
         return None
 
     def set_scalars(self, scalars: Sequence[float]) -> None:
-        """Set the kernel arguments (`rule.scalar_names` order) that `serial_calls` run with."""
+        """Set the kernel arguments (`rule.scalar_names` order) that `native_calls` run with."""
         raise NotImplementedError(f"{type(self).__name__} runs only through __call__")
 
-    def serial_calls(self) -> list[tuple[int, ...]] | None:
-        """For a host launch small enough to run in the calling thread: its passes as (function
-        address, table addresses, first chunk, end chunk), for `runtime.repoint` to run them
-        with the scalars and per-tensor values last set; None otherwise."""
+    def native_calls(self) -> list[tuple[int, ...]] | None:
+        """For a host launch: its passes as rows of 10 for `runtime.repoint` to run with the
+        scalars and per-tensor values last set, valid while `calls_key()` is unchanged (see
+        `Program`); None when a launch can only run through `__call__`."""
+        return None
+
+    def calls_key(self) -> object:
+        """What `native_calls` depends on (for host launches: the team's size)."""
         return None
 
     def _hold(self, slot: str, rows: Sequence[int], tensors: Sequence,

@@ -383,12 +383,20 @@ class CPULaunch(Launch):
         k = self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
 
-    def serial_calls(self) -> list[tuple[int, ...]] | None:
-        if self._parallel:
-            return None
-        lo, hi = self.parts[0]
-        return [(ctypes.cast(f, ctypes.c_void_p).value, *self._args, lo, hi)
-                for f in (self.kernel.reduce, self.kernel.update) if f is not None]
+    def calls_key(self) -> int:
+        return _team_threads() if self._parallel else 0
+
+    def native_calls(self) -> list[tuple[int, ...]] | None:
+        threads = self.calls_key()
+        if not self._parallel:
+            lo, hi = self.parts[0]
+            return [(0, ctypes.cast(f, ctypes.c_void_p).value, *self._args, lo, hi)
+                    for f in (self.kernel.reduce, self.kernel.update) if f is not None]
+        if not threads:
+            return None  # stepjit's own pool: Python threads
+        if self.team is None or self.team.threads != threads:
+            self.team = TeamSplit(self.kernel, self._args, self._chunks, threads)
+        return self.team.native_calls()
 
     def set_scalars(self, scalars: Sequence[float]) -> None:
         if scalars:
@@ -437,6 +445,15 @@ class TeamSplit:
         self._all = (self.parts[0][0], self.parts[-1][1])
         self._work = [] if self._serial else [
             omp.Work(ctypes.cast(f, ctypes.c_void_p).value, args, bounds) for f in functions]
+
+    def native_calls(self) -> list[tuple[int, ...]]:
+        """These passes as `runtime.repoint` rows: (0, kernel, tables..., chunks) run in the
+        calling thread, or (1, GOMP_parallel, body, work, threads) on the team."""
+        rows = [(0, ctypes.cast(f, ctypes.c_void_p).value, *args, *self._all)
+                for f, args in self._serial]
+        threads = min(self.threads, len(self.parts))
+        rows += [(1, *omp.native_call(work, threads), 0, 0, 0, 0, 0) for work in self._work]
+        return rows
 
     def __call__(self) -> None:
         for function, args in self._serial:  # one thread, or one part: no team

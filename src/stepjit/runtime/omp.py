@@ -140,6 +140,14 @@ class Work:
         self.address = self.ctx.ctypes.data
 
 
+def native_call(work: Work, threads: int) -> tuple[int, int, int, int]:
+    """What `run(work, threads)` calls, for native code to call it: (GOMP_parallel's address,
+    the body's address, the work's address, threads)."""
+    runtime = _runtime()
+    return (ctypes.cast(runtime.parallel, ctypes.c_void_p).value, runtime.body, work.address,
+            threads)
+
+
 def run(work: Work, threads: int) -> None:
     """Run every part of `work` on a team of `threads` OpenMP threads (the calling thread one of
     them); returns when all are done."""

@@ -119,8 +119,8 @@ store:
   %w.next = add i64 %w, 1
   br label %write
 
-calls:  ; then each launch: kernel(tables..., first chunk, end chunk)
-  %c = phi i64 [ 0, %write ], [ %c.next, %call ]
+calls:  ; then each launch: kernel(tables..., first chunk, end chunk), or a team's
+  %c = phi i64 [ 0, %write ], [ %c.next, %called ]
   %callv.at = getelementptr inbounds i64, ptr %ctx, i64 8
   %callv = load ptr, ptr %callv.at
   %nc.at = getelementptr inbounds i64, ptr %ctx, i64 9
@@ -129,26 +129,41 @@ calls:  ; then each launch: kernel(tables..., first chunk, end chunk)
   br i1 %cmore, label %call, label %done
 
 call:
-  %offset = mul i64 %c, 9
+  %offset = mul i64 %c, 10
   %row = getelementptr inbounds i64, ptr %callv, i64 %offset
-  %fn = load ptr, ptr %row
-  %a0.at = getelementptr inbounds i64, ptr %row, i64 1
+  %kind = load i64, ptr %row
+  %fn.at = getelementptr inbounds i64, ptr %row, i64 1
+  %fn = load ptr, ptr %fn.at
+  %a0.at = getelementptr inbounds i64, ptr %row, i64 2
   %a0 = load ptr, ptr %a0.at
-  %a1.at = getelementptr inbounds i64, ptr %row, i64 2
+  %a1.at = getelementptr inbounds i64, ptr %row, i64 3
   %a1 = load ptr, ptr %a1.at
-  %a2.at = getelementptr inbounds i64, ptr %row, i64 3
+  %a2.at = getelementptr inbounds i64, ptr %row, i64 4
   %a2 = load ptr, ptr %a2.at
-  %a3.at = getelementptr inbounds i64, ptr %row, i64 4
+  %a3.at = getelementptr inbounds i64, ptr %row, i64 5
   %a3 = load ptr, ptr %a3.at
-  %a4.at = getelementptr inbounds i64, ptr %row, i64 5
+  %a4.at = getelementptr inbounds i64, ptr %row, i64 6
   %a4 = load ptr, ptr %a4.at
-  %a5.at = getelementptr inbounds i64, ptr %row, i64 6
+  %a5.at = getelementptr inbounds i64, ptr %row, i64 7
   %a5 = load ptr, ptr %a5.at
-  %lo.at = getelementptr inbounds i64, ptr %row, i64 7
+  %lo.at = getelementptr inbounds i64, ptr %row, i64 8
   %lo.c = load i64, ptr %lo.at
-  %hi.at = getelementptr inbounds i64, ptr %row, i64 8
+  %hi.at = getelementptr inbounds i64, ptr %row, i64 9
   %hi.c = load i64, ptr %hi.at
+  %team = icmp eq i64 %kind, 1
+  br i1 %team, label %team.call, label %kernel.call
+
+kernel.call:
   call void %fn(ptr %a0, ptr %a1, ptr %a2, ptr %a3, ptr %a4, ptr %a5, i64 %lo.c, i64 %hi.c)
+  br label %called
+
+team.call:  ; GOMP_parallel(body, work, threads, 0)
+  %threads.64 = ptrtoint ptr %a2 to i64
+  %threads = trunc i64 %threads.64 to i32
+  call void %fn(ptr %a0, ptr %a1, i32 %threads, i32 0)
+  br label %called
+
+called:
   %c.next = add i64 %c, 1
   br label %calls
 
@@ -180,8 +195,9 @@ def _function():
 
 class Program:
     """The re-pointing of one set of table cells (see the module docstring); then, when every
-    address passed, `calls`: kernels run in the calling thread, each (function, its six table
-    addresses, first chunk, end chunk) as `Launch.serial_calls` gives them."""
+    address passed, `calls`, rows of 10 as `Launch.native_calls` gives them: (0, kernel, its six
+    table addresses, first chunk, end chunk) runs a kernel in the calling thread, (1,
+    GOMP_parallel, body, work, threads, ...) one pass on an OpenMP team (`omp`)."""
 
     def __init__(self, index: np.ndarray, cells: np.ndarray, nbytes: np.ndarray,
                  itemsize: np.ndarray, calls: list[tuple[int, ...]] = ()) -> None:
@@ -194,7 +210,7 @@ class Program:
                         (index, nbytes, np.asarray(itemsize, np.uint64) - 1, cells)]
         self._index_max = int(index.max()) if n else -1
         self._written: tuple = ()
-        self._calls = np.array(calls, np.uint64).reshape(len(calls), 9)
+        self._calls = np.array(calls, np.uint64).reshape(len(calls), 10)
         self._ctx = np.zeros(10, np.uint64)
         self._ctx[0] = n
         self._ctx[1:5] = [a.ctypes.data for a in self._arrays]
