@@ -965,3 +965,57 @@ def test_add_param_group_refuses_complex_and_steps_a_valid_group_like_torch():
         for model, opt in (ref, ours):
             _train_step(model, opt, batch)
         _assert_match(ours, ref)
+
+
+def test_a_removed_groups_memory_does_not_hide_an_overlap_from_the_fast_checks():
+    """After a group is popped and its memory taken by a larger parameter, a gradient aliasing
+    that parameter is refused in the steady state as on a fresh optimizer."""
+    storage = torch.zeros(1000)
+    a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(storage[0:200])
+    opt = stepjit.torch.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(5), torch.ones(200)
+        opt.step()
+    opt.param_groups.pop()
+    c = torch.nn.Parameter(storage)
+    opt.param_groups[0]["params"].append(c)
+    for _ in range(3):
+        a.grad, c.grad = torch.ones(5), torch.ones(1000)
+        opt.step()
+    before = a.detach().clone(), c.detach().clone()
+    a.grad = storage[500:505]  # the memory of c, which the step writes
+    with pytest.raises(ValueError, match="overlap in memory"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(c, before[1])
+
+
+def test_a_sparse_gradient_after_warm_steps_is_named_and_changes_nothing():
+    p, q = torch.zeros(4, 3, requires_grad=True), torch.zeros(5, requires_grad=True)
+    opt = stepjit.torch.SGD([p, q], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        p.grad, q.grad = torch.ones(4, 3), torch.ones(5)
+        opt.step()
+    before = p.detach().clone(), q.detach().clone()
+    p.grad, q.grad = torch.ones(4, 3).to_sparse(), torch.ones(5)
+    with pytest.raises(ValueError, match="parameter 0: gradient: layout torch.sparse_coo"):
+        opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+
+
+def test_a_lazily_negated_tensor_is_refused_not_read_as_its_memory():
+    """torch's negative bit: the memory of x.conj().imag holds -x; stepjit reads memory, so
+    such a tensor is refused (as a parameter, and as a gradient in the steady state)."""
+    neg = torch.complex(torch.zeros(3), torch.ones(3)).conj().imag
+    assert neg.is_neg()
+    with pytest.raises(ValueError, match="negative bit"):
+        stepjit.torch.SGD([torch.nn.Parameter(neg.detach())], lr=0.1)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = stepjit.torch.SGD([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    before = p.detach().clone()
+    p.grad = neg
+    with pytest.raises(ValueError, match="negative bit"):
+        opt.step()
+    assert torch.equal(p, before)

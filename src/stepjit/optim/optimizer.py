@@ -141,6 +141,11 @@ def _snapshot(group: dict) -> dict | None:
     return copy
 
 
+def _types(group: dict) -> list:
+    """The types of a group's values, and of the items of its tuples (betas)."""
+    return [tuple(map(type, v)) if type(v) is tuple else type(v) for v in group.values()]
+
+
 def _immutable(value) -> bool:
     kind = type(value)
     if kind is tuple:
@@ -371,17 +376,15 @@ class Optimizer:
             if grad_scale != 1.0:
                 scalars = [self._unscaled(index, values, grad_scale)
                            for index, values in enumerate(scalars)]
-            plans = self._plans_for("step", pending, scalars, settings)
+            held: list = []  # every gradient the tables point at, until the kernels are done
+            plans = self._plans_for("step", pending, scalars, settings, held)
             per_tensor = [self._tensor_values(index, group, plan) for index, (group, plan)
                           in enumerate(zip(self.param_groups, plans))]
-            # torch may free a gradient the tables point at (another thread's set_to_none):
-            # hold them all until the kernels are done
-            alive = [p.grad for p in self._members] if self._untracked else None
             if self._fast is not None:  # the launches get this step's kernel arguments
                 self._fast.scalars_set = False
             for plan, values, tensor_values in zip(plans, scalars, per_tensor):
                 self._run(plan, values, tensor_values)
-            del alive
+            del held
             if self._untracked and not pending and not self._fast_holds():
                 self._fast = self._fast_step_of(settings)
             if pending:
@@ -396,9 +399,11 @@ class Optimizer:
         """Add every gradient into its parameter's accumulation buffer (copy on the first call)."""
         with self._exclusive:
             pending = self._pending
-            plans = self._plans_for("accumulate", pending)
+            held: list = []
+            plans = self._plans_for("accumulate", pending, held=held)
             for plan in plans:
                 self._run(plan, {})
+            del held
             added = pending.union(*(plan.params for plan in plans))
             if added != pending:
                 self._pending = added
@@ -414,7 +419,8 @@ class Optimizer:
                     for p in group["params"]:
                         p.grad = None
                 return
-            for plan in self._plans_for("zero", frozenset()):
+            held: list = []
+            for plan in self._plans_for("zero", frozenset(), held=held):
                 self._run(plan, {})
 
     def state_dict(self) -> dict:
@@ -516,10 +522,13 @@ class Optimizer:
         return self._backend
 
     def _plans_for(self, kind: str, pending: frozenset, scalars: list[dict] | None = None,
-                   settings: list[_Settings] | None = None) -> list[_Plan]:
+                   settings: list[_Settings] | None = None,
+                   held: list | None = None) -> list[_Plan]:
         """The launches for `kind` ('step', 'accumulate', 'zero') of every group (for a step:
         each group's kernel arguments, checked against the types the kernels compute in, and
-        its settings).
+        its settings). Torch's gradients, which the tables point at without holding them, are
+        appended to `held`: the caller keeps them until its kernels are done (another thread's
+        `zero_grad()` may drop them meanwhile).
 
         Tables are rebuilt in three phases, so that a failure anywhere changes nothing: every
         tensor and state buffer of every group is checked and missing state is allocated aside;
@@ -538,7 +547,7 @@ class Optimizer:
             token = (self._state_gen, len(self.state), structure,
                      pending if kind == "step" else None, id(params), len(params))
             # torch sets .grad (and may move .data) behind our back: compare addresses
-            addresses = arrays.addresses(params) if self._untracked else None
+            addresses = arrays.addresses(params, held) if self._untracked else None
             plan = self._plans.get((kind, index))
             if plan is not None and plan.token == token:
                 if plan.generation == generation and plan.addresses == addresses:
@@ -562,6 +571,8 @@ class Optimizer:
             index: self._draft(kind, index, structure, pending)
             for index, _, structure, _ in todo
         }
+        if held is not None:  # the arrays new tables and re-pointed ones are bound to
+            held.append((drafts, refreshed))
         for index, values in enumerate(scalars or ()):
             if index in drafts:
                 _check_scalars(index, [d.rule for d in drafts[index]], values)
@@ -655,12 +666,15 @@ class Optimizer:
         """The [start, end) of every non-empty range a step writes, over all groups, sorted
         (disjoint: checked when the plans were built)."""
         if self._written is None or self._written[0] != self._built:
-            tables = [p.spans.table for (kind, _), p in self._plans.items()
-                      if kind == "step" and p.spans is not None]
+            groups = len(self.param_groups)  # a removed group's plan is no one's
+            tables = [p.spans.table for (kind, index), p in self._plans.items()
+                      if kind == "step" and index < groups and p.spans is not None]
             t = np.concatenate(tables) if tables else np.zeros((0, 3), np.uint64)
             t = t[(t[:, 2] == 1) & (t[:, 1] > t[:, 0])]
             t = t[np.argsort(t[:, 0], kind="stable")]
-            self._written = (self._built, t[:, 0].copy(), t[:, 1].copy())
+            # the running maximum of the ends: the bisection then finds any overlap even if
+            # ranges were to overlap each other
+            self._written = (self._built, t[:, 0].copy(), np.maximum.accumulate(t[:, 1]))
         return self._written[1], self._written[2]
 
     def _stage_refresh(self, kind: str, index: int, plan: _Plan, pending: frozenset,
@@ -864,9 +878,9 @@ class Optimizer:
                 if now.structure != then.structure:
                     return False
                 _check_scalars(index, [b.rule for b in fast.plans[index].batches], now.scalars)
-        ptrs, found = [], []
+        ptrs, found, held = [], [], []  # held: the gradients read, until the kernels are done
         for group, plan in zip(self.param_groups, fast.plans):
-            addresses = arrays.addresses(group["params"])
+            addresses = arrays.addresses(group["params"], held)
             if addresses[1] != plan.addresses[1]:
                 return False
             ptrs += addresses[0]
@@ -881,10 +895,9 @@ class Optimizer:
                 for name, column in (more[1].items() if more is not None else ()):
                     b.launch.set_per_tensor(name, column)
         fast.settings, fast.scalars_set = list(settings), True
-        alive = [p.grad for p in self._members]  # held while the kernels run
         if not fast.program(ptrs):
             return False  # a new gradient failed a check: the full path names it
-        del alive
+        del held
         for plan, addresses, extra in zip(fast.plans, found, per_tensor):
             plan.addresses = addresses
             for b, more in zip(plan.batches, extra):
@@ -900,12 +913,12 @@ class Optimizer:
         for index, group in enumerate(self.param_groups):
             known = cache[index] if index < len(cache) else None
             if (known is None or known.snapshot is None or group["params"] is not known.params
-                    or group != known.snapshot or list(map(type, group.values())) != known.types):
+                    or group != known.snapshot or _types(group) != known.types):
                 self._check_group(index, group)
                 values = self.scalars(group)
                 if group.get("maximize"):
                     values = self._unscaled(index, values, -1.0)
-                known = _Settings(_snapshot(group), list(map(type, group.values())),
+                known = _Settings(_snapshot(group), _types(group),
                                   group["params"], self.structure(group), values)
             found.append(known)
         self._settings = found

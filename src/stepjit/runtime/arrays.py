@@ -162,6 +162,9 @@ class _Torch:
         if x.layout != t.strided:
             return (f"layout {x.layout} is not supported: stepjit updates dense tensors "
                     "(sparse gradients come from e.g. nn.Embedding(sparse=True): use the default)")
+        if x.is_neg():
+            return ("the tensor has torch's negative bit (a lazily negated view, e.g. from "
+                    "x.conj().imag): its memory holds -x; pass x.resolve_neg()")
         if x.device.type not in ("cpu", "cuda"):
             return (f"tensors on the {x.device.type!r} device are not supported (stepjit "
                     "updates cpu and cuda tensors)")
@@ -202,7 +205,7 @@ class _Torch:
             raise ValueError(f"{where}: the torch tensor does not require grad")
 
     @staticmethod
-    def addresses(params) -> tuple[list, list]:
+    def addresses(params, held: list | None = None) -> tuple[list, list]:
         """What torch may change without telling us: each gradient's address (0 for none), and
         per tensor its (address, strides, size in bytes, dtype), then its gradient's (strides,
         size in bytes, dtype) when it has one. torch keeps a gradient's shape, dtype and device
@@ -217,13 +220,17 @@ class _Torch:
         """
         try:
             grads = [p.grad for p in params]
+            if held is not None:  # the addresses stay theirs while the caller holds them
+                held.append(grads)
             return [0 if g is None else g.data_ptr() for g in grads], [
                 (p.data_ptr(), p.stride(), p.nbytes, p.dtype) if g is None
-                else (p.data_ptr(), p.stride(), p.nbytes, p.dtype, g.stride(), g.nbytes, g.dtype)
+                else (p.data_ptr(), p.stride(), p.nbytes, p.dtype, g.stride(), g.nbytes, g.dtype,
+                      g.is_neg())
                 for p, g in zip(params, grads)
             ]
         except (RuntimeError, AttributeError):  # a sparse gradient, a tensor of another kind:
-            return [0] * len(params), [object()] * len(params)  # a rebuild's checks name it
+            # entries equal to nothing: a rebuild's checks name the culprit
+            return [0] * len(params), [(object(),) * 4 for _ in params]
 
     def host_view(self, x) -> np.ndarray:
         t = _torch()
@@ -286,9 +293,10 @@ def check_parameter(where: str, x, as_torch: bool = False) -> None:
     _of(x).check_parameter(where, x, as_torch)
 
 
-def addresses(params) -> tuple[list, list]:
-    """Where the gradient and values of each tensor parameter live (see `_Torch.addresses`)."""
-    return _Torch.addresses(params)
+def addresses(params, held: list | None = None) -> tuple[list, list]:
+    """Where the gradient and values of each tensor parameter live (see `_Torch.addresses`);
+    the gradients read are appended to `held`, which keeps them (and so their addresses)."""
+    return _Torch.addresses(params, held)
 
 
 def type_name(x: object) -> str:
