@@ -4,13 +4,13 @@ child falls back to the pool instead of hanging in its parent's team."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from forking import run_forked
 
 import stepjit
 import stepjit.optim
@@ -189,18 +189,7 @@ def test_a_forked_child_steps_after_the_parent_used_the_team(two_threads, team_c
     n = 4 * cpu.PARALLEL_MIN
     _train(OPTIMIZERS["sgd-clip"], steps=1)
     assert team_calls, "the parent did not use the team"
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child_step, args=(n, child))
-    proc.start()
-    proc.join(60)
-    hung = proc.is_alive()
-    if hung:
-        proc.kill()
-        proc.join()
-    assert not hung, "the forked child hung in step()"
-    assert proc.exitcode == 0
-    total, child_calls = parent.recv()
+    total, child_calls = run_forked(_child_step, n)
     assert total == n * 0.75 and child_calls == []
 
 

@@ -9,7 +9,6 @@ compute type cannot hold, a failure half way through creating state.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import threading
@@ -17,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from forking import run_forked
 
 import stepjit
 from stepjit.runtime import arrays, cpu
@@ -176,18 +176,7 @@ def test_a_forked_child_steps_after_the_parent_used_its_threads(monkeypatch):
         p.grad = np.ones(n, np.float32)
         SGD([p], lr=0.5, backend="llvm").step()  # the pool now has a worker thread
         assert cpu._pool.cache_info().currsize == 1  # the step ran on the pool
-        ctx = multiprocessing.get_context("fork")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_step, args=(n, child))
-        proc.start()
-        proc.join(60)
-        hung = proc.is_alive()
-        if hung:
-            proc.kill()
-            proc.join()
-        assert not hung, "the forked child hung in step()"
-        assert proc.exitcode == 0
-        assert parent.recv() == n * 0.75
+        assert run_forked(_child_step, n) == n * 0.75
     finally:
         cpu.num_threads.cache_clear()
         cpu.threads_backend.cache_clear()
