@@ -1,28 +1,29 @@
-"""The CUDA backend's control flow without a GPU: SGD on a stand-in CuPy.
+"""The CUDA backend's control flow without a GPU: SGD on a stand-in CuPy (`fake_cupy`).
 
 The stand-in keeps arrays in host memory and runs each kernel the backend launches through the
-host harness (the same generated source, compiled by g++). Everything else is the real code
-path: backend selection, NVRTC compilation and the disk cache, table building and uploads, the
-per-tensor `first` flag, scalar packing in ABI order, one or two launches per group. What it
-cannot show is how the real device runs the code (see test_cuda_gpu.py for that).
+host harness (the same generated source, compiled by g++), and it models streams, events and the
+stream-ordered memory pool: an access that nothing orders after the last conflicting one fails
+the test. Everything else is the real code path: backend selection, NVRTC compilation and the
+disk cache, table building and uploads, the per-tensor `first` flag, scalar packing in ABI
+order, the launches per group, the streams they run on. What it cannot show is how the real
+device runs the code (see test_cuda_gpu.py for that).
 """
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import types
 
 import numpy as np
 import pytest
 from cuda_host.harness import HostLibrary, compiler
+from fake_cupy import FakeArray, Model, StreamRace, install
 
 import stepjit
-from stepjit.codegen import cuda as codegen
-from stepjit.ir import DType
+from stepjit.ir import DType, evaluate
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 from stepjit.optim.sgd import sgd_rule
-from stepjit.runtime import select
+from stepjit.runtime import arrays, select
 
 gpu = pytest.importorskip("stepjit.runtime.gpu")
 F16, F32, F64 = DType.F16, DType.F32, DType.F64
@@ -50,107 +51,6 @@ def _skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(bool(_skip_reason()), reason=str(_skip_reason()))
 
 
-class _Memory:
-    def __init__(self, owner: np.ndarray, log: list) -> None:
-        self.ptr = owner.ctypes.data
-        self._log = log
-
-    def copy_from_host_async(self, src, nbytes, stream=None):
-        self._log.append(nbytes)
-        ctypes.memmove(self.ptr, src.value, nbytes)
-
-
-class FakeArray:
-    """A host array that looks like a cupy.ndarray to stepjit."""
-
-    uploads: list = []
-
-    def __init__(self, a: np.ndarray) -> None:
-        self._a = a
-        self.data = _Memory(a, FakeArray.uploads)
-        self.device = types.SimpleNamespace(id=0)
-        self.dtype, self.shape, self.size, self.flags = a.dtype, a.shape, a.size, a.flags
-        self.itemsize, self.strides = a.itemsize, a.strides
-
-    def reshape(self, *shape):
-        return FakeArray(self._a.reshape(*shape))
-
-    def __getitem__(self, index):
-        return FakeArray(self._a[index])
-
-    def __setitem__(self, index, value):
-        self._a[index] = value._a if isinstance(value, FakeArray) else value
-
-    def copy(self):
-        return FakeArray(self._a.copy())
-
-    def get(self):
-        return self._a.copy()
-
-
-class _Function:
-    def __init__(self, lib: HostLibrary, name: str, launches: list) -> None:
-        self._fn = getattr(lib.lib, f"run_{name}")
-        self._name, self._launches = name, launches
-
-    def __call__(self, grid, block, args):
-        assert block == (codegen.BLOCK,)
-        converted = []
-        for a in args:
-            if isinstance(a, FakeArray):
-                converted.append(ctypes.c_void_p(a.data.ptr))
-            elif isinstance(a, np.float32):
-                converted.append(ctypes.c_float(a))
-            elif isinstance(a, np.float64):
-                converted.append(ctypes.c_double(a))
-            elif isinstance(a, (np.float16, np.uint16)):
-                converted.append(ctypes.c_uint16(int(np.array(a).view(np.uint16))))
-            else:
-                raise TypeError(f"{self._name}: unexpected kernel argument {type(a).__name__}")
-        self._launches.append(self._name)
-        self._fn(ctypes.c_uint(grid[0]), *converted)
-
-
-def fake_cupy(lib: HostLibrary, nvrtc, launches: list) -> types.ModuleType:
-    cp = types.ModuleType("cupy")
-    cp.ndarray = FakeArray
-    cp.zeros = lambda shape, dtype: FakeArray(np.zeros(shape, dtype))
-    cp.zeros_like = lambda a, dtype, order: FakeArray(np.zeros_like(a._a, dtype, order))
-    cp.empty = lambda shape, dtype: FakeArray(np.zeros(shape, dtype))
-    cp.asarray = lambda a: FakeArray(np.array(a))
-
-    class Device:
-        compute_capability = "80"
-
-        def __init__(self, device=0):
-            assert device == 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    class Module:
-        def load(self, image):
-            assert image[:4] == b"\x7fELF"  # a real cubin from NVRTC
-
-        def get_function(self, name):
-            return _Function(lib, name, launches)
-
-    stream = types.SimpleNamespace(ptr=0, wait_event=lambda event: None)
-    cp.cuda = types.SimpleNamespace(
-        Device=Device,
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
-        function=types.SimpleNamespace(Module=Module),
-        alloc_pinned_memory=bytearray,
-        get_current_stream=lambda: stream,
-        Event=lambda **kw: types.SimpleNamespace(record=lambda s: None, done=True),
-        nvrtc=nvrtc,
-    )
-    return cp
-
-
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
     return HostLibrary.start(RULES, tmp_path_factory.mktemp("launch"), "launch").finish()
@@ -161,13 +61,13 @@ def fake(host_lib, monkeypatch):
     """Install the stand-in CuPy; yields the list of kernel launches."""
     from cupy.cuda import nvrtc
 
-    launches: list = []
-    cp = fake_cupy(host_lib, nvrtc, launches)
+    model = Model()
+    cp = install(model, host_lib, RULES, nvrtc)
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setitem(sys.modules, "cupy.cuda", cp.cuda)
     select._instance.cache_clear()
     FakeArray.uploads.clear()
-    yield launches
+    yield model.kernels
     select._instance.cache_clear()
 
 
@@ -250,3 +150,160 @@ def test_memory_cache_per_structure(fake):
         _run(FakeArray, 1, CONFIGS[0], [10])
     info = stepjit.cache_info()
     assert info.compiles + info.disk_hits == 1 and info.memory_hits == 1
+
+
+# -- streams ---------------------------------------------------------------------------------------
+class TorchLike(FakeArray):
+    """A CUDA torch tensor as the CUDA backend sees one: launches on it run on torch's current
+    stream (the `torch_stream` fixture says which), held ones get `record_stream`."""
+
+    def record_stream(self, stream) -> None:
+        self.recorded.append(stream.cuda_stream)
+
+    recorded: list
+
+
+class _TorchAdapter(arrays._Cupy):
+    name = "torch"
+
+
+@pytest.fixture
+def torch_streams(fake, monkeypatch):
+    """The stand-in device with torch in it: returns (model, cupy, set_torch_stream)."""
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    current = [model.null]
+    cuda = types.SimpleNamespace(
+        current_stream=lambda device: types.SimpleNamespace(cuda_stream=current[0].ptr))
+    monkeypatch.setattr(arrays, "_torch", lambda: types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setitem(arrays._ADAPTERS, TorchLike, _TorchAdapter())
+    monkeypatch.setattr(gpu, "_EXTERNAL", {})  # stream handles of this stand-in device only
+
+    def use(stream) -> None:
+        current[0] = stream
+
+    return model, cp, use
+
+
+MOMENTUM = RULES[0]  # SGD with momentum and weight decay: a per-tensor `first` flag
+
+
+def _tensors(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        arrays_ = [rng.standard_normal(n).astype(np.float32) for _ in MOMENTUM.slots]
+        t = tuple(TorchLike(a) for a in arrays_)
+        for a in t:
+            a.recorded = []
+        out.append(t)
+    return out
+
+
+def _reference(tensors, scalars, first=True):
+    """What one step computes, by the interpreter, on host copies."""
+    named = dict(zip(MOMENTUM.scalar_names, scalars))
+    out = []
+    for t in tensors:
+        views = {s.name: a.host().copy() for s, a in zip(MOMENTUM.slots, t)}
+        out.append(evaluate(MOMENTUM, views, named, {"first": first}))
+    return out
+
+
+SCALARS = (0.1, 0.01, 0.9, 0.0, 1.0)
+
+
+def _launch(sizes, seed=0):
+    backend = gpu.CUDABackend(0)
+    tensors = _tensors(sizes, seed)
+    launch = backend.bind(backend.compile(MOMENTUM), tensors, np.ones((len(sizes), 1)))
+    return launch, tensors
+
+
+def test_tables_are_uploaded_on_the_stream_the_kernels_run_on(torch_streams):
+    # torch's current stream is a side stream (the warm-up torch asks for before capturing a
+    # graph) while CuPy's is the null stream: the first launch must read uploaded tables
+    model, cp, use_torch_stream = torch_streams
+    side = cp.new_stream()
+    use_torch_stream(side)
+    launch, tensors = _launch([1000, 70_000])
+    scalars = tuple(np.float32(v) for v in SCALARS[: len(MOMENTUM.scalars)])
+    expected = _reference(tensors, scalars)
+    launch(SCALARS[: len(MOMENTUM.scalars)])
+    side.synchronize()
+    for t, want in zip(tensors, expected):
+        for slot, a in zip(MOMENTUM.slots, t):
+            if slot.written:
+                np.testing.assert_array_equal(a.get(), want[slot.name])
+
+
+def test_table_memory_is_not_reused_under_a_kernel_of_another_stream(torch_streams):
+    # a launch on torch's side stream is dropped (a rebuild); the next bind of the same sizes
+    # gets its memory back from the pool and rewrites it while the first kernel may still run
+    model, cp, use_torch_stream = torch_streams
+    side = cp.new_stream()
+    use_torch_stream(side)
+    first, _ = _launch([1000, 3000])
+    first(SCALARS[: len(MOMENTUM.scalars)])
+    del first
+    second, _ = _launch([1000, 3000], seed=1)
+    second(SCALARS[: len(MOMENTUM.scalars)])
+    assert model.kernels.count(MOMENTUM.name + "_update") == 2
+
+
+def test_a_launch_moved_to_another_stream_orders_reuse_of_its_memory(torch_streams):
+    # bound on a side stream, then run on the default stream after it (torch's protocol after
+    # a warm-up), then dropped: its memory returns to the side stream's pool, and a launch bound
+    # there next must not overwrite it before the default stream's kernel is done
+    model, cp, use_torch_stream = torch_streams
+    side, default = cp.new_stream(), cp.new_stream()
+    use_torch_stream(side)
+    first, tensors = _launch([1000, 3000])
+    first(SCALARS[: len(MOMENTUM.scalars)])
+    default.wait_event(side.record())
+    use_torch_stream(default)
+    first(SCALARS[: len(MOMENTUM.scalars)])
+    assert all(a.recorded == [default.ptr] for t in tensors for a in t)  # held: recorded
+    del first
+    use_torch_stream(side)
+    second, _ = _launch([1000, 3000], seed=1)
+    second(SCALARS[: len(MOMENTUM.scalars)])
+
+
+def test_the_stream_model_fails_unordered_access(torch_streams):
+    # the model itself: a kernel on one stream, then a write on another with no event between
+    model, cp, use_torch_stream = torch_streams
+    a, b = cp.new_stream(), cp.new_stream()
+    use_torch_stream(a)
+    launch, tensors = _launch([100])
+    launch(SCALARS[: len(MOMENTUM.scalars)])
+    with b, pytest.raises(StreamRace, match="nothing orders the two"):
+        tensors[0][0][:10] = 0.0  # the parameter, written on b while a's kernel may run
+    with b:
+        b.wait_event(a.record())
+        tensors[0][0][:10] = 0.0  # ordered now
+
+
+def test_cupy_steps_on_alternating_streams_are_ordered(fake):
+    # a CuPy optimizer stepped under one stream, then another, with no synchronization: each
+    # launch waits for the last one of the other stream, so the steps run in program order
+    cp = sys.modules["cupy"]
+    a, b = cp.new_stream(), cp.new_stream()
+    opt, params = None, None
+    rng = np.random.default_rng(3)
+    data = [rng.standard_normal(n).astype(np.float32) for n in (100, 5000)]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in (100, 5000)] for _ in range(4)]
+    params = [stepjit.Parameter(FakeArray(d.copy())) for d in data]
+    ref = [stepjit.Parameter(d.copy()) for d in data]
+    opt = stepjit.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ref_opt = stepjit.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2,
+                                backend="reference")
+    for step, stream in enumerate([a, b, a, b]):
+        with stream:
+            for p, r, g in zip(params, ref, grads[step], strict=True):
+                p.grad, r.grad = FakeArray(g), g
+            opt.step()
+        ref_opt.step()
+    b.synchronize()
+    for p, r in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(p.data.get(), r.data)

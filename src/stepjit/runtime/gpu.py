@@ -10,10 +10,12 @@ zero) to every program it compiles, and this backend keeps IEEE denormals like t
 It calls NVRTC itself (`cupy.cuda.nvrtc`) with `NVRTC_OPTIONS`, keeps the cubin in its own disk
 cache and loads it with `cupy.cuda.function.Module`. `ptx()` and `cubin()` need no GPU.
 
-Launches use CuPy's current stream and never wait for the device: the only host-to-device copies
-are the tables (when a launch is bound) and the per-tensor values (only when the optimizer has
-edited them, e.g. the `first` flag after a tensor's first step), both from pinned memory. Steady
-state steps are plain kernel launches, so they can be captured in a CUDA graph.
+Launches run on the stream of their tensors' framework (torch's current stream for torch
+tensors, CuPy's for CuPy arrays) and never wait for the device: every device operation of a
+launch, the upload of its tables included, is queued on that stream, and a launch that moves to
+another stream first makes the new one wait for the old (`CUDALaunch`). Host-to-device copies
+happen only when a table is (re)built or re-pointed and when the optimizer edits a per-tensor
+value (the `first` flag after a tensor's first step), from pinned memory, asynchronously.
 """
 
 from __future__ import annotations
@@ -427,41 +429,49 @@ def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
         (directory / f"{rule.name}{suffix}").write_text(stages[stage])
 
 
-class _Uploads:
-    """Host-to-device copies from pinned memory, kept alive until the device has read them.
+_IN_FLIGHT: list[tuple[object, object]] = []
+"""Pinned staging buffers of copies the device may not have read yet, with their events:
+module-wide, so that a launch dropped meanwhile does not free them under the copy."""
 
-    A copy is ordered on the stream that was current when it was made; `order(stream)` makes a
-    launch on another stream wait for the latest copy (on the device, not the host).
-    """
 
-    def __init__(self) -> None:
-        self._in_flight: list[tuple[object, object]] = []
-        self._last: tuple[int, object] | None = None  # (stream pointer, event) of the last copy
+def upload(dst, src: np.ndarray, stream) -> None:
+    """Copy the host array `src` into the device array `dst` on `stream`, asynchronously, from
+    pinned memory kept alive until the device has read it."""
+    cp = _cupy()
+    src = np.ascontiguousarray(src, dtype=dst.dtype)
+    if src.nbytes == 0:
+        return
+    memory = cp.cuda.alloc_pinned_memory(src.nbytes)
+    staging = np.frombuffer(memory, src.dtype, src.size).reshape(src.shape)
+    staging[...] = src
+    dst.data.copy_from_host_async(ctypes.c_void_p(staging.ctypes.data), src.nbytes, stream)
+    event = cp.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
+    _IN_FLIGHT[:] = [(e, m) for e, m in _IN_FLIGHT if not e.done]
+    _IN_FLIGHT.append((event, memory))
 
-    def __call__(self, dst, src: np.ndarray) -> None:
-        cp = _cupy()
-        src = np.ascontiguousarray(src, dtype=dst.dtype)
-        if src.nbytes == 0:
-            return
-        memory = cp.cuda.alloc_pinned_memory(src.nbytes)
-        staging = np.frombuffer(memory, src.dtype, src.size).reshape(src.shape)
-        staging[...] = src
-        stream = cp.cuda.get_current_stream()
-        dst.data.copy_from_host_async(ctypes.c_void_p(staging.ctypes.data), src.nbytes, stream)
-        event = cp.cuda.Event(block=False, disable_timing=True)
-        event.record(stream)
-        self._in_flight = [(e, m) for e, m in self._in_flight if not e.done]
-        self._in_flight.append((event, memory))
-        self._last = (stream.ptr, event)
 
-    def order(self) -> None:
-        """Make the current stream wait for the last copy if that ran on another stream."""
-        if self._last is None:
-            return
-        stream = _cupy().cuda.get_current_stream()
-        if stream.ptr != self._last[0]:
-            stream.wait_event(self._last[1])
-        self._last = None
+class _RawStream:
+    """A stream handle in the CUDA stream protocol, for `cupy.cuda.Stream.from_external`."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+_EXTERNAL: dict[int, object] = {}  # torch's stream handles as CuPy streams, made once each
+
+
+def _torch_stream(device) -> tuple[object, object]:
+    """torch's current stream on `device`: (as a CuPy stream, as torch's object)."""
+    current = arrays._torch().cuda.current_stream(device)
+    ptr = current.cuda_stream
+    stream = _EXTERNAL.get(ptr)
+    if stream is None:
+        stream = _EXTERNAL[ptr] = _cupy().cuda.Stream.from_external(_RawStream(ptr))
+    return stream, current
 
 
 def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
@@ -471,26 +481,41 @@ def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
             raise ValueError(f"tensor {i}: {len(t)} arrays given, the rule has {len(slots)} slots")
         size = None
         for slot, a in zip(slots, t, strict=True):
-            where = f"tensor {i}, slot {slot.name}"
-            device = arrays.device(a) if arrays.is_array(a) else "?"
-            if not device.startswith("cuda"):
-                raise ValueError(f"{where}: the CUDA backend needs a CuPy array or a CUDA torch "
-                                 f"tensor, got {arrays.type_name(a)} on {device}")
-            if device != f"cuda:{kernel.device}":
-                raise ValueError(f"{where}: array is on {device}, the kernel on "
-                                 f"cuda:{kernel.device}")
-            if arrays.dtype(a) is not slot.dtype:
-                raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
-            if not (arrays.is_dense(a) and arrays.is_aligned(a)):
-                raise ValueError(f"{where}: array must be dense and aligned")
+            _check_array(kernel, f"tensor {i}, slot {slot.name}", slot, a)
             n = arrays.numel(a)
             if size is not None and n != size:
-                raise ValueError(f"{where}: {n} elements, slot {slots[0].name} has {size}")
+                raise ValueError(f"tensor {i}, slot {slot.name}: {n} elements, slot "
+                                 f"{slots[0].name} has {size}")
             size = n
 
 
+def _check_array(kernel: CUDAKernel, where: str, slot, a) -> None:
+    device = arrays.device(a) if arrays.is_array(a) else "?"
+    if not device.startswith("cuda"):
+        raise ValueError(f"{where}: the CUDA backend needs a CuPy array or a CUDA torch "
+                         f"tensor, got {arrays.type_name(a)} on {device}")
+    if device != f"cuda:{kernel.device}":
+        raise ValueError(f"{where}: array is on {device}, the kernel on cuda:{kernel.device}")
+    if arrays.dtype(a) is not slot.dtype:
+        raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
+    if not (arrays.is_dense(a) and arrays.is_aligned(a)):
+        raise ValueError(f"{where}: array must be dense and aligned")
+
+
 class CUDALaunch(Launch):
-    """A compiled rule bound to a fixed list of tensors (tables in device memory)."""
+    """A compiled rule bound to a fixed list of tensors (tables in device memory).
+
+    Streams. A launch runs on the stream its tensors' framework says: torch's current stream
+    for torch tensors (so the update is ordered after backward), CuPy's current stream for CuPy
+    arrays. All its device work happens there, in `__call__`: the tables are uploaded (when new
+    or edited) right before the kernels that read them. When that stream is not the one of the
+    last call, the new stream first waits for everything queued on the old one (an event, no
+    host synchronization), so no table is rewritten under a kernel still reading it. The table
+    memory comes from the pool of the stream the launch was bound on, and a dropped launch makes
+    that stream wait for every other stream it ran on before its memory returns to the pool
+    (what torch's `record_stream` does for torch tensors; the torch tensors the launch holds
+    get `record_stream` for each new stream they are used on).
+    """
 
     def __init__(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> None:
         cp = _cupy()
@@ -498,33 +523,69 @@ class CUDALaunch(Launch):
         info = kernel.info
         super().__init__(kernel.rule, tensors, per_tensor)
         self.kernel = kernel
-        self._upload = _Uploads()
         tables = build_tables(
             [[arrays.data_ptr(a) for a in t] for t in tensors],
             [arrays.numel(t[0]) if t else 0 for t in tensors],
             info.chunk,
         )
+        self._ptrs, self._numel = tables.ptrs, tables.numel
         # torch tensors: launch on torch's current stream, so the update orders after backward
         self._torch_device = next(
             (t[0].device for t in tensors if t and arrays.is_torch(t[0])), None)
         self.n_chunks = tables.n_chunks
         n = len(tensors)
-        with cp.cuda.Device(kernel.device):
+        self._home, _ = self._stream()
+        self._streams = {self._home.ptr: self._home}  # every stream this launch ran on
+        self._last = self._home
+        with cp.cuda.Device(kernel.device), self._home:  # memory from the home stream's pool
             ptrs = cp.empty(tables.ptrs.shape, np.uint64)
             numel = cp.empty(tables.numel.shape, np.int64)
             chunks = cp.empty((max(1, self.n_chunks), 2), np.int32)
-            self._per_tensor_dev = cp.zeros((max(1, n), info.n_per_tensor), np.float64)
+            self._per_tensor_dev = cp.empty((max(1, n), info.n_per_tensor), np.float64)
             partials = cp.empty((max(1, self.n_chunks), info.n_reductions), np.float64)
-            self._upload(ptrs, tables.ptrs)
-            self._upload(numel, tables.numel)
-            self._upload(chunks[: self.n_chunks], tables.chunks)
         self._tables = (ptrs, numel, chunks, self._per_tensor_dev, partials)
+        # uploaded by the first call, on the stream it runs on
+        self._pending = [(ptrs, tables.ptrs), (numel, tables.numel),
+                         (chunks[: self.n_chunks], tables.chunks)]
         self._uploaded: bytes | None = None
         self._pack = scalar_types(self.rule.scalars)
         self._grid = (self.n_chunks,)
         self._block = (info.block,)
 
-    def _sync_per_tensor(self) -> None:
+    def _stream(self) -> tuple[object, object | None]:
+        """The stream to launch on now (as CuPy's object), and torch's object for it."""
+        if self._torch_device is not None:
+            return _torch_stream(self._torch_device)
+        return _cupy().cuda.get_current_stream(), None
+
+    can_repoint = True
+
+    def repoint(self, slot: str, rows: Sequence[int], tensors: Sequence) -> None:
+        k = [s.name for s in self.rule.slots].index(slot)
+        for j, a in zip(rows, tensors):
+            _check_array(self.kernel, f"tensor {j}, slot {slot}", self.rule.slots[k], a)
+        self._hold(slot, rows, tensors, self._numel)
+        self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
+        self._pending.append((self._tables[0], self._ptrs))  # uploaded by the next call
+
+    def _switch(self, stream, torch_stream) -> None:
+        """Order `stream` after everything this launch queued on the stream of the last call."""
+        cp = _cupy()
+        if not stream.is_capturing():  # capture starts after a device synchronization
+            event = cp.cuda.Event(block=False, disable_timing=True)
+            event.record(self._last)
+            stream.wait_event(event)
+        if torch_stream is not None and stream.ptr not in self._streams:
+            # torch's allocator must not reuse a held tensor's memory before this stream is done
+            # with it (gradients are not held: torch's rule for them is the caller's stream)
+            for t in self.held:
+                for a in t:
+                    if a is not None:
+                        a.record_stream(torch_stream)
+        self._streams[stream.ptr] = stream
+        self._last = stream
+
+    def _sync_per_tensor(self, stream) -> None:
         values = self.per_tensor
         if values.size == 0:
             return
@@ -533,7 +594,7 @@ class CUDALaunch(Launch):
             if values.shape != self._per_tensor_dev.shape:
                 raise ValueError(f"{self.rule.name}: per_tensor has shape {values.shape}, "
                                  f"expected {self._per_tensor_dev.shape}")
-            self._upload(self._per_tensor_dev, values)
+            upload(self._per_tensor_dev, values, stream)
             self._uploaded = current
 
     def __call__(self, scalars: Sequence[float]) -> None:
@@ -544,17 +605,30 @@ class CUDALaunch(Launch):
             return
         args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
         cp = _cupy()
+        stream, torch_stream = self._stream()
         with contextlib.ExitStack() as scope:
             if cp.cuda.runtime.getDevice() != self.kernel.device:
                 scope.enter_context(cp.cuda.Device(self.kernel.device))
-            if self._torch_device is not None:
-                torch_stream = arrays._torch().cuda.current_stream(self._torch_device)
-                scope.enter_context(cp.cuda.ExternalStream(torch_stream.cuda_stream))
-            self._launch(args)
+            if stream.ptr != self._last.ptr:
+                self._switch(stream, torch_stream)
+            scope.enter_context(stream)
+            for dst, src in self._pending:
+                upload(dst, src, stream)
+            self._pending = []
+            self._sync_per_tensor(stream)
+            if self.kernel.partial_sums is not None:
+                self.kernel.partial_sums(self._grid, self._block, args)
+            self.kernel.update(self._grid, self._block, args)
 
-    def _launch(self, args: tuple) -> None:
-        self._sync_per_tensor()
-        self._upload.order()
-        if self.kernel.partial_sums is not None:
-            self.kernel.partial_sums(self._grid, self._block, args)
-        self.kernel.update(self._grid, self._block, args)
+    def __del__(self) -> None:
+        # The tables go back to the home stream's pool: order their reuse there after the
+        # kernels queued on every other stream (nothing to do when the process is exiting).
+        try:
+            cp = _cupy()
+            for stream in self._streams.values():
+                if stream.ptr != self._home.ptr and not stream.is_capturing():
+                    event = cp.cuda.Event(block=False, disable_timing=True)
+                    event.record(stream)
+                    self._home.wait_event(event)
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a lost device
+            pass
