@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from ..ir import DType, Slot, UpdateRule, per_tensor, scalar, sqrt, tensor
+from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, scalar, sqrt, tensor
 from .optimizer import Optimizer, check_number, check_scale_and_clip
 from .prologue import clips, decays, prologue, prologue_scalars
 from .registry import register
@@ -112,8 +112,15 @@ class Adagrad(Optimizer):
         return adagrad_rule(*structure, param_dtype, grad_dtype)
 
     def scalars(self, group: dict) -> dict[str, float]:
-        return {**prologue_scalars(group), "eps": float(group["eps"])}
+        # lr_decay is no kernel argument: it enters through the per-tensor clr alone
+        return {**prologue_scalars(group), "eps": float(group["eps"]),
+                "lr_decay": float(group["lr_decay"])}
 
     def tensor_values(self, group: dict, step: np.ndarray) -> dict[str, np.ndarray]:
         lr = float(group["lr"]) * float(group["lr_mult"])
         return {"clr": lr / (1.0 + (step - 1.0) * float(group["lr_decay"]))}
+
+    def tensor_formulas(self) -> dict[str, Expr]:
+        step = per_tensor("step", DType.F64)
+        lr, lr_decay = scalar("lr", DType.F64), scalar("lr_decay", DType.F64)
+        return {"clr": lr / (1.0 + (step - 1.0) * lr_decay)}

@@ -195,6 +195,12 @@ class Adam(Optimizer):
             "bias_correction2_sqrt": np.sqrt(1.0 - np.power(beta2, step)),
         }
 
+    def tensor_formulas(self) -> dict[str, Expr]:
+        step, lr = per_tensor("step", F64), scalar("lr", F64)
+        power = {b: (step * scalar(b, F64).log()).exp() for b in ("beta1", "beta2")}  # beta**t
+        return {"step_size": lr / (1.0 - power["beta1"]),
+                "bias_correction2_sqrt": sqrt(1.0 - power["beta2"])}
+
 
 @register("adamw")
 class AdamW(Adam):

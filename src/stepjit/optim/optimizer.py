@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import parameter as _parameter
-from ..ir import DType, Slot, UpdateRule, per_tensor, tensor, where
+from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, tensor, where
 from ..ir.ops import Op
 from ..parameter import Parameter
 from ..runtime import arrays
@@ -286,6 +286,14 @@ class Optimizer:
         the tensors of one launch; `step` holds each tensor's step count, this step included: an
         array, or one float when every tensor of the launch is at that step (write it with
         numpy's functions and operators, which take both)."""
+        return {}
+
+    def tensor_formulas(self) -> dict[str, Expr]:
+        """The values of `tensor_values` as IR, for steps that run without the host (a
+        capturable CUDA step computes them on the device): float64 expressions of
+        `per_tensor("step", F64)` (this step included) and of float64 `scalar`s named as the keys
+        of `scalars(group)`. {} when there are no per-tensor values; a subclass with
+        `tensor_values` and no formulas cannot be captured."""
         return {}
 
     def check_group(self, group: dict) -> None:
