@@ -1,15 +1,20 @@
-"""The CUDA backend end to end: SGD on CuPy parameters against the reference and CPU backends.
+"""The CUDA backend end to end: SGD on CuPy parameters against the reference and CPU backends,
+and every torch face on CUDA tensors against torch.optim (side streams, CUDA graphs with a
+capturable step and a tensor learning rate, misaligned views, more than 512 chunks, two devices).
 
 Tests marked `gpu` need a CUDA device and skip without one; the others check the errors a user
-gets when the CUDA backend cannot be used, and run anywhere.
+gets when the CUDA backend cannot be used, and run anywhere. `tools/gpu_check.py` runs them all
+in one prepared GPU run, beside larger checks and the benchmarks.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +311,179 @@ def test_bind_rejects_arrays_the_kernel_cannot_use(cp):
     launch = backend.bind(kernel, [good], np.zeros((1, 0)))
     with pytest.raises(ValueError, match="scalars"):
         launch((0.1,))  # the rule takes lr and scale
+
+
+# -- the torch face on CUDA tensors ----------------------------------------------------------------
+# The checks of tools/gpu_check.py (side streams, freed tables, CUDA graphs, misaligned views, more
+# than 512 chunks) run here at small sizes: one definition of each, used by both.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def _gpu_check():
+    """tools/gpu_check.py as a module (the one tests/test_gpu_check.py loaded, if any)."""
+    path = ROOT / "tools" / "gpu_check.py"
+    loaded = sys.modules.get("gpu_check")
+    if loaded is not None and Path(loaded.__file__).resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def torch_cuda(cp):
+    """torch, on a machine where both CuPy and torch see a CUDA device; otherwise a skip."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} sees no CUDA device (a CPU build?)")
+    import stepjit.torch  # noqa: F401
+
+    return torch
+
+
+def _assert_rows(rows):
+    """No FAIL among the rows of a gpu_check check (each names what went wrong)."""
+    assert rows
+    bad = [r for r in rows if r["result"] == "FAIL"]
+    assert not bad, "\n\n".join(f"{r['check']}: {r['figure']}\n{r.get('error', '')}"
+                                for r in bad)
+
+
+FACE_CASES = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=1e-2)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=1e-3)),
+    ("Adagrad", dict(lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1)),
+]
+
+
+def _face_case_id(case):
+    name, cfg = case
+    return "-".join([name, *(k for k in cfg if k != "lr")])
+
+
+def _step_beside_torch(torch, name, cfg, dtype, device="cuda", steps=6, seed=0):
+    """A stepjit.torch optimizer and torch.optim's, over copies of the same tensors on `device`,
+    stepped with the same gradients (one tensor without a gradient at some steps) and a learning
+    rate changed every step; (ours, ours_opt, ref, ref_opt)."""
+    gc = _gpu_check()
+    face, torch_class = gc._faces(name)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    init = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in gc.SHAPES]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt, ref_opt = face(ours, **cfg), torch_class(ref, **cfg, foreach=False)
+    assert opt.backend == "cuda"
+    for k in range(steps):
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] = cfg["lr"] * (1 + 0.5 * np.cos(k))
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            if i == 1 and k in (0, 3):  # no gradient at this step: both skip the tensor
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, device=device, dtype=dtype, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.cuda.synchronize(device)
+    return ours, opt, ref, ref_opt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", FACE_CASES, ids=_face_case_id)
+def test_torch_face_on_cuda_tensors_matches_torch(torch_cuda, case, dtype):
+    name, cfg = case
+    ours, opt, ref, ref_opt = _step_beside_torch(torch_cuda, name, cfg,
+                                                 getattr(torch_cuda, dtype))
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    worst, where = _gpu_check().compare_optimizers(ours, opt, ref, ref_opt, rtol=rtol)
+    assert worst <= 1, f"{where}: {worst:.3g} x the tolerance"
+
+
+@pytest.mark.gpu
+def test_lars_on_cuda_tensors_matches_the_cpu_backend(torch_cuda):
+    torch = torch_cuda
+    cfg = dict(lr=0.1, momentum=0.9, trust_coef=0.01, weight_decay=1e-4, clip_norm=2.0)
+    gen = torch.Generator().manual_seed(1)
+    shapes = _gpu_check().SHAPES
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+    runs = []
+    for device in ("cuda", "cpu"):
+        params = [torch.nn.Parameter(t.to(device, copy=True)) for t in init]
+        opt = stepjit.torch.LARS(params, **cfg)
+        assert opt.backend == ("cuda" if device == "cuda" else "llvm")
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.to(device, copy=True)
+            opt.step()
+        runs.append((params, opt))
+    worst, where = _gpu_check().compare_optimizers(*runs[0], *runs[1])
+    assert worst <= 1, f"{where}: {worst:.3g} x the tolerance"
+
+
+@pytest.mark.gpu
+def test_torch_side_stream_right_after_tables_are_rebuilt(torch_cuda):
+    _assert_rows(_gpu_check().check_stream())
+
+
+@pytest.mark.gpu
+def test_tables_rebuilt_while_a_busy_stream_still_reads_the_old_ones(torch_cuda):
+    _assert_rows(_gpu_check().check_free(rounds=30))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", ["SGD", "Adam", "RMSprop", "AdamW-amsgrad", "Adam-amsgrad-wd"])
+def test_capturable_step_in_a_cuda_graph_follows_an_lr_schedule(torch_cuda, key):
+    assert key in _gpu_check().GRAPH_CONFIGS
+    _assert_rows(_gpu_check().check_graph(key))
+
+
+@pytest.mark.gpu
+def test_views_at_odd_offsets_give_the_bits_of_aligned_copies(torch_cuda):
+    _assert_rows(_gpu_check().check_misaligned())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["SGD", "LARS"])
+def test_more_than_512_chunks_with_reductions(torch_cuda, name):
+    gc = _gpu_check()
+    configs = [c for c in gc.MANY_CHUNKS_CONFIGS if c[0] == name]
+    _assert_rows(gc.check_many_chunks(numel=512 * 65536 + 3, configs=configs, steps=2))
+
+
+@pytest.mark.gpu
+def test_torch_optimizers_on_two_devices_step_in_turn(torch_cuda):
+    """One optimizer per device, stepped in turn while device 0 stays current."""
+    torch = torch_cuda
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    assert torch.cuda.current_device() == 0
+    for name, cfg in (("SGD", dict(lr=0.05, momentum=0.9)), ("Adam", dict(lr=0.01))):
+        for device in ("cuda:1", "cuda:0"):
+            ours, opt, ref, ref_opt = _step_beside_torch(torch, name, cfg, torch.float32,
+                                                         device=device, steps=3)
+            assert all(p.device == torch.device(device) for p in ours)
+            worst, where = _gpu_check().compare_optimizers(ours, opt, ref, ref_opt)
+            assert worst <= 1, f"{name} on {device}, {where}: {worst:.3g} x the tolerance"
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_torch_parameters_on_two_devices_are_refused(torch_cuda):
+    torch = torch_cuda
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    a = torch.nn.Parameter(torch.ones(3, device="cuda:0"))
+    b = torch.nn.Parameter(torch.ones(3, device="cuda:1"))
+    with pytest.raises(ValueError, match="several devices"):
+        stepjit.torch.SGD([a, b], lr=0.1)
