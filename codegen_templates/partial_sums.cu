@@ -1,7 +1,20 @@
 
-// ${rule_name}: first launch of two. Block b sums the rule's reductions over chunk b (float64,
-// in an order fixed by the block size) and writes chunk_partials[b * ${n_reductions} + r].
-// ${update_kernel} then adds up the partials of each tensor. No atomics: same bits on every run.
+// ${rule_name}: first launch of three. Block b sums the rule's reductions over chunk b and writes
+// chunk_partials[b * ${n_reductions} + r]; ${tensor_sums_kernel} then adds up the partials of each
+// tensor, and ${update_kernel} reads the totals.
+//
+// Each thread adds its elements one run at a time: a run is the (at most VEC) elements it takes
+// in one iteration of the element loop. A term that the rule computes in float64 from
+// float32-or-narrower values with at most one multiplication (x * x, of a gradient norm) is
+// computed in float32, where it differs by at most one rounding, and a run of such terms is
+// summed in float32; the run's sum is then added to the thread's float64 sum, unless
+// float32_run_ok refuses it (not finite, or so small that underflow may have cost accuracy):
+// then the run is added again in float64, as the rule says. A float32 run is within
+// (VEC + 1) * 2^-24 of the sum of its terms' magnitudes from its float64 sum. float64 arithmetic
+// runs at 1/2 (data-center GPUs) to 1/64 (consumer GPUs) of float32's rate: this way it runs once
+// per run, not per element. Other terms are float64 throughout. Across runs, threads and blocks
+// the sums are float64, in an order fixed by the block size: no atomics, the same bits on every
+// run.
 extern "C" __global__ void __launch_bounds__(${block}) ${kernel_name}(
     const unsigned long long* __restrict__ tensor_ptrs,
     const long long* __restrict__ tensor_numel,
@@ -26,17 +39,22 @@ ${accumulators}
     auto accumulate = [&](${element_params}) {
 ${element_body}
     };
-
+${exact_terms}
+    // The elements of each iteration as in the update kernel: VEC consecutive ones from i when
+    // the tensor is aligned for wide accesses, else VEC ones BLOCK apart (coalesced).
     const bool aligned = ${aligned};
-    for (long long i = begin + (long long)threadIdx.x * VEC; i < end; i += (long long)BLOCK * VEC) {
-        if (aligned && i + VEC <= end) {
-${pack_body}
-        } else {
-            for (int k = 0; k < VEC && i + k < end; ++k) {
+    const long long spacing = aligned ? 1 : BLOCK;
+    for (long long i = begin + (long long)threadIdx.x * (aligned ? VEC : 1); i < end;
+         i += (long long)BLOCK * VEC) {
+        const bool wide = aligned && i + VEC <= end;
+${load_packs}
+${run_start}        #pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (i + k * spacing < end) {
 ${element_call}
             }
         }
-    }
+${run_end}    }
 
     __shared__ double scratch[BLOCK / 32 + 1];
 ${block_sums}

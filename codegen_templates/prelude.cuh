@@ -28,6 +28,15 @@ __device__ __forceinline__ bool pack_aligned(const T* p) {
     return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * N) == 0;
 }
 
+// Whether the float32 sum of a run of terms may stand for its float64 sum (see partial_sums.cu):
+// finite, so no float32 product or sum overflowed, and at least 2^-100 in magnitude, so the at
+// most 2^-147 that products in float32's subnormal range can lose together is below 2^-47 of it.
+// NaN fails both comparisons.
+__device__ __forceinline__ bool float32_run_ok(float sum) {
+    const float magnitude = fabsf(sum);
+    return magnitude >= 0x1p-100f && magnitude <= 0x1.fffffep127f;
+}
+
 // maximum / minimum: NaN if either operand is NaN; on a tie (0.0 and -0.0) the second operand.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ double nan_max(double a, double b) { return (a > b || a != a) ? a : b; }

@@ -5,7 +5,7 @@
 //   tensor_numel[t]                   its number of elements
 //   chunk_table[b]                    (tensor, index of the chunk within that tensor) of block b
 //   per_tensor_values[t * ${n_per_tensor_stride} + j]  the rule's per-tensor values, as double
-${partials_doc}extern "C" __global__ void __launch_bounds__(${block}) ${kernel_name}(
+${partials_doc}${lr_source_doc}extern "C" __global__ void __launch_bounds__(${block}) ${kernel_name}(
     const unsigned long long* __restrict__ tensor_ptrs,
     const long long* __restrict__ tensor_numel,
     const int2* __restrict__ chunk_table,
@@ -30,14 +30,23 @@ ${uniform_values}
 ${element_body}
     };
 
+    // Each iteration, a thread takes VEC elements: i + k * spacing for k < VEC. When every slot
+    // of the tensor is aligned for wide accesses, the VEC consecutive elements from i (one
+    // 16-byte access per slot and thread, but at the end of the tensor); otherwise (a view at an
+    // offset into a larger buffer) elements BLOCK apart, so that consecutive threads touch
+    // consecutive elements and every scalar access of a warp is coalesced.
     const bool aligned = ${aligned};
-    for (long long i = begin + (long long)threadIdx.x * VEC; i < end; i += (long long)BLOCK * VEC) {
-        if (aligned && i + VEC <= end) {
-${pack_body}
-        } else {
-            for (int k = 0; k < VEC && i + k < end; ++k) {
+    const long long spacing = aligned ? 1 : BLOCK;
+    for (long long i = begin + (long long)threadIdx.x * (aligned ? VEC : 1); i < end;
+         i += (long long)BLOCK * VEC) {
+        const bool wide = aligned && i + VEC <= end;
+${load_packs}
+        #pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (i + k * spacing < end) {
 ${element_call}
             }
         }
+${store_packs}
     }
 }

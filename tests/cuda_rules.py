@@ -2,7 +2,8 @@
 
 The optimizers' rules come from the registry: every registered optimizer, every structure its
 `examples` reach (`registry.structures`), so that a new optimizer module is compiled and run here
-without an edit to the tests.
+without an edit to the tests. So do the per-tensor formulas of their capturable variants
+(`Optimizer.tensor_formulas`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from stepjit.ir import DType, UpdateRule
+from stepjit.ir import DType, Expr, UpdateRule
 from stepjit.optim import OPTIMIZERS, registry, rule_for
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 
@@ -28,6 +29,17 @@ class Case:
     config: tuple  # (hyperparameter, value) pairs, from `registry.structures`
     rule: UpdateRule
     scalars: tuple  # (scalar name, value) pairs, from `registry.example_scalars`
+
+    @property
+    def formulas(self) -> dict[str, Expr]:
+        """The formulas of the rule's capturable variant (see `tensor_formulas`)."""
+        return tensor_formulas(self.optimizer)
+
+
+def tensor_formulas(optimizer: str) -> dict[str, Expr]:
+    """The per-tensor formulas of the registered `optimizer`: `Optimizer.tensor_formulas` is an
+    instance method that reads nothing of the instance, called here on a placeholder one."""
+    return registry.configure(OPTIMIZERS[optimizer]).tensor_formulas()
 
 
 def optimizer_cases(every_dtype: bool = True) -> list[Case]:
@@ -66,3 +78,10 @@ def zero_rules() -> list[UpdateRule]:
 def all_rules() -> list[UpdateRule]:
     """Every kernel the library can generate today."""
     return optimizer_rules() + accumulate_rules() + zero_rules()
+
+
+def capturable_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
+    """Every rule of `all_rules()` with the formulas of its capturable variant ({} for the
+    accumulate and zero rules, whose only per-tensor value is the `first` flag)."""
+    formulas = {case.rule.key: case.formulas for case in optimizer_cases()}
+    return [(rule, formulas.get(rule.key, {})) for rule in all_rules()]

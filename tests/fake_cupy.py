@@ -5,8 +5,8 @@ Arrays live in host memory and each kernel the backend launches runs through the
 asynchronously, so that ordering bugs fail a test instead of a training run:
 
 - **Streams and events** carry vector clocks: an operation on a stream happens after everything
-  earlier on that stream and after every event the stream waited for; the host is one more
-  clock, advanced by `synchronize()`. Nothing is ordered by accident: every stream, the null
+  earlier on that stream, after every event the stream waited for, and after what the host did
+  and saw complete before queuing it; the host is one more clock, which `synchronize()` joins. Nothing is ordered by accident: every stream, the null
   stream included, behaves as a non-blocking stream, and an event counts as done only once the
   host has synchronized with it (as on a slow device).
 - **Memory accesses** of every operation (kernel, host-to-device copy, memset) are recorded by
@@ -18,8 +18,13 @@ asynchronously, so that ordering bugs fail a test instead of a training run:
   stream it was allocated on and the next allocation of its size on that stream reuses it at
   once, so memory freed while another stream still reads it is caught when it is rewritten.
 
+- **Graph capture**: `Model.capture(stream)` records the kernels launched on that stream instead
+  of running them, as CUDA does, and fails any allocation, host-to-device copy, event query or
+  synchronization meanwhile (what a captured step must not do); `Graph.replay()` runs the
+  recorded launches again with the arguments they were captured with.
+
 What it does not model: kernels run when they are launched (a race is reported, not acted out),
-pinned host memory, and graph capture (`is_capturing()` is always false).
+and pinned host memory.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stepjit.codegen import cuda as codegen
+from stepjit.ir import UpdateRule
 
 
 class StreamRace(AssertionError):
@@ -61,6 +67,16 @@ class Model:
         self.free: dict[tuple[int, int], list[np.ndarray]] = {}  # (stream, size) -> blocks
         self.blocks: dict[int, _Block] = {}  # start address -> live block
         self.kernels: list[str] = []  # every launch, in order
+        self.graph: Graph | None = None  # the capture in progress
+
+    def capture(self, stream: FakeStream) -> Graph:
+        """A context manager: kernels launched on `stream` inside it are recorded in the graph
+        it returns, not run."""
+        return Graph(self, stream)
+
+    def forbid(self, what: str) -> None:
+        if self.graph is not None:
+            raise AssertionError(f"{what} during graph capture")
 
     def current(self) -> FakeStream:
         return self.stack[-1] if self.stack else self.null
@@ -74,8 +90,10 @@ class Model:
         (start, end); raise StreamRace when one is unordered with an earlier access."""
         if stream is None:
             clock, sid = self.host, 0
-        else:
+        else:  # queued by the host: after all it did and saw complete before
             clock, sid = stream.clock, stream.id
+            for k, v in self.host.items():
+                clock[k] = max(clock.get(k, 0), v)
         clock[sid] = clock.get(sid, 0) + 1
         new = [_Access(s, e, False, sid, clock[sid], what) for s, e in reads if e > s]
         new += [_Access(s, e, True, sid, clock[sid], what) for s, e in writes if e > s]
@@ -98,6 +116,7 @@ class Model:
         self.accesses += new
 
     def allocate(self, shape, dtype, stream: FakeStream) -> FakeArray:
+        self.forbid("an allocation")
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64)) if shape != () else 1
         size = max(512, -(-count * dtype.itemsize // 512) * 512)  # CuPy's 512-byte bins
@@ -107,6 +126,13 @@ class Model:
         a = raw[: count * dtype.itemsize].view(dtype).reshape(shape)
         return FakeArray(a, block)
 
+    def block_span(self, ptr: int) -> tuple[int, int]:
+        """The bytes of the live pool block that holds address `ptr`."""
+        for start, block in self.blocks.items():
+            if start <= ptr < start + block.size:
+                return start, start + block.size
+        raise AssertionError(f"a kernel was given address {ptr:#x}, in no live allocation")
+
     def release(self, raw: np.ndarray, stream: int, size: int) -> None:
         self.blocks.pop(raw.ctypes.data, None)
         self.free.setdefault((stream, size), []).append(raw)
@@ -114,15 +140,17 @@ class Model:
     def kernel_accesses(self, info: codegen.KernelInfo, rule, kernel: str, args) -> tuple:
         """The byte ranges `kernel` reads and writes, from its arguments and address table."""
         reads, writes = [], []
-        params = info.params if not kernel.startswith(f"{rule.name}_prepare") else None
+        params = info.prepare_params if kernel == info.prepare else info.params
         table = {}
-        for i, a in enumerate(args):
-            if not isinstance(a, FakeArray):
+        for (ctype, name), a in zip(params, args, strict=True):
+            if isinstance(a, FakeArray):
+                span = a.span()
+                table[name] = a
+            elif isinstance(a, np.uint64) and ctype.endswith("*") and a:  # a raw pointer
+                span = self.block_span(int(a))
+            else:
                 continue
-            ctype, name = params[i] if params else ("", f"argument {i}")
-            span = a.span()
             (reads if ctype.startswith("const") else writes).append(span)
-            table[name] = a
         if "tensor_ptrs" in table:
             ptrs = table["tensor_ptrs"].host().reshape(-1, len(rule.slots))
             numel = table["tensor_numel"].host().reshape(-1)
@@ -139,6 +167,7 @@ class _Block:
 
     def __init__(self, model: Model, raw: np.ndarray, stream: int, size: int) -> None:
         model.blocks[raw.ctypes.data] = self
+        self.size = size
         weakref.finalize(self, model.release, raw, stream, size)
 
 
@@ -166,6 +195,7 @@ class FakeStream:
             self.clock[k] = max(self.clock.get(k, 0), v)
 
     def synchronize(self) -> None:
+        self.model.forbid("a stream synchronization")
         for k, v in self.clock.items():
             self.model.host[k] = max(self.model.host.get(k, 0), v)
 
@@ -175,10 +205,11 @@ class FakeStream:
         return event
 
     def is_capturing(self) -> bool:
-        return False
+        return self.model.graph is not None and self.model.graph.stream is self
 
     @property
     def done(self) -> bool:
+        self.model.forbid("a stream query")
         return all(self.model.host.get(k, 0) >= v for k, v in self.clock.items())
 
 
@@ -191,11 +222,13 @@ class FakeEvent:
         self.clock = dict((stream or self.model.current()).clock)
 
     def synchronize(self) -> None:
+        self.model.forbid("an event synchronization")
         for k, v in (self.clock or {}).items():
             self.model.host[k] = max(self.model.host.get(k, 0), v)
 
     @property
     def done(self) -> bool:
+        self.model.forbid("an event query")
         return all(self.model.host.get(k, 0) >= v for k, v in (self.clock or {}).items())
 
 
@@ -206,6 +239,7 @@ class _Memory:
 
     def copy_from_host_async(self, src, nbytes, stream=None):
         model = self._owner.model
+        model.forbid("a host-to-device copy")
         stream = stream or model.current()
         model.op(stream, "a host-to-device copy", writes=[(self.ptr, self.ptr + nbytes)])
         FakeArray.uploads.append(nbytes)
@@ -242,7 +276,9 @@ class FakeArray:
         return FakeArray(self._a.ravel(order), self._block)
 
     def __getitem__(self, index):
-        return FakeArray(self._a[index], self._block)
+        # an element is a 0-d view, as in CuPy (numpy would give a scalar)
+        index = index if isinstance(index, tuple) else (index,)
+        return FakeArray(self._a[(*index, ...)], self._block)
 
     def __setitem__(self, index, value):
         target = self._a[index]
@@ -270,12 +306,12 @@ def install(model: Model, lib, rules, nvrtc) -> types.ModuleType:
     """A `cupy` module over `model`, running the kernels of `rules` from the host library
     `lib` (`cuda_host.harness.HostLibrary`)."""
     FakeArray.model = model
-    by_key = {r.key: r for r in rules}
+    by_key = {(r if isinstance(r, UpdateRule) else r[0]).key:
+              (r if isinstance(r, UpdateRule) else r[0]) for r in rules}
     kernels = {}  # kernel name -> (rule, its KernelInfo)
-    for key, info in lib.infos.items():
-        names = {info.update, info.partial_sums, *getattr(info, "kernels", ()),
-                 getattr(info, "prepare", None)} - {None}
-        kernels.update({n: (by_key[key], info) for n in names})
+    for (key, _), info in lib.variants.items():
+        for name in [*info.kernels, *([info.prepare] if info.prepare else [])]:
+            kernels[name] = (by_key[key], info)
     cp = types.ModuleType("cupy")
     cp.ndarray = FakeArray
 
@@ -356,6 +392,31 @@ def install(model: Model, lib, rules, nvrtc) -> types.ModuleType:
     return cp
 
 
+class Graph:
+    """Kernel launches recorded on one stream (`Model.capture`), replayed on demand."""
+
+    def __init__(self, model: Model, stream: FakeStream) -> None:
+        self.model, self.stream = model, stream
+        self.launches: list[tuple] = []
+
+    def __enter__(self) -> Graph:
+        assert self.model.graph is None, "one capture at a time"
+        self.model.graph = self
+        self.model.stack.append(self.stream)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.model.stack.pop()
+        self.model.graph = None
+        return False
+
+    def replay(self) -> None:
+        """Run the recorded launches again, on the stream they were captured on."""
+        with self.stream:
+            for function, grid, args in self.launches:
+                function.run(grid, args)
+
+
 class _Function:
     """One kernel of the host library, launched on the current stream."""
 
@@ -364,6 +425,13 @@ class _Function:
         self._fn = getattr(lib.lib, f"run_{name}")
 
     def __call__(self, grid, block, args):
+        graph = self._model.graph
+        if graph is not None and self._model.current() is graph.stream:
+            graph.launches.append((self, grid, tuple(args)))  # recorded, not run
+            return
+        self.run(grid, args)
+
+    def run(self, grid, args) -> None:
         rule, info = self._rule, self._info
         reads, writes = self._model.kernel_accesses(info, rule, self._name, args)
         self._model.op(self._model.current(), f"kernel {self._name}", reads, writes)
@@ -371,8 +439,8 @@ class _Function:
         for a in args:
             if isinstance(a, FakeArray):
                 converted.append(ctypes.c_void_p(a.data.ptr))
-            elif a is None:
-                converted.append(ctypes.c_void_p(None))
+            elif isinstance(a, np.uint64):  # a raw device address
+                converted.append(ctypes.c_void_p(int(a) or None))
             elif isinstance(a, np.float32):
                 converted.append(ctypes.c_float(a))
             elif isinstance(a, np.float64):

@@ -10,10 +10,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cuda_rules import all_rules
+from cuda_rules import all_rules, tensor_formulas
 
 from stepjit.codegen import cuda
-from stepjit.ir import DType, Op, Slot, UpdateRule, const, maximum, minimum, scalar, tensor, where
+from stepjit.ir import (
+    DType,
+    Op,
+    Slot,
+    UpdateRule,
+    const,
+    maximum,
+    minimum,
+    per_tensor,
+    scalar,
+    tensor,
+    where,
+)
+from stepjit.optim.adagrad import adagrad_rule
+from stepjit.optim.adam import adam_rule
+from stepjit.optim.lars import lars_rule
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 from stepjit.optim.sgd import sgd_rule
 from stepjit.runtime import gpu
@@ -30,32 +45,42 @@ def test_every_dtype_has_a_c_type():
     assert set(cuda.CTYPES) == set(DType)
 
 
-def test_every_generated_rule_renders_both_kernels_when_it_reduces():
+def test_every_generated_rule_renders_its_kernels_in_launch_order():
     for rule in all_rules():
         source = gpu.render(rule)
         info = cuda.describe(rule)
-        assert f"void __launch_bounds__({info.block}) {info.update}(" in source
+        heads = [source.index(f"void __launch_bounds__({info.block}) {name}(")
+                 for name in info.kernels]
+        assert heads == sorted(heads) and info.kernels[-1] == info.update
         if rule.reductions:
-            assert info.partial_sums is not None
-            head = f"void __launch_bounds__({info.block}) {info.partial_sums}("
-            assert head in source
-            assert source.index(head) < source.index(f"{info.block}) {info.update}(")
+            assert info.kernels == (info.partial_sums, info.tensor_sums, info.update)
         else:
-            assert info.partial_sums is None and "_partial_sums" not in source
+            assert info.kernels == (info.update,) and info.partial_sums is None
+            assert info.tensor_sums is None and "_partial_sums" not in source
+        assert not info.capturable and info.prepare is None and "_capturable" not in source
 
 
 def test_render_is_deterministic_across_processes():
-    """The text keys the compile cache: no set or dict order may leak into it."""
-    rules = [sgd_rule(True, True, True, True, BF16, F16), _accumulate_rule(F32, F16)]
-    here = "\n=====\n".join(gpu.render(r) for r in rules)
-    assert here == "\n=====\n".join(gpu.render(r) for r in rules)
+    """The text keys the compile cache: no set or dict order may leak into it (the capturable
+    variant's formulas and inputs included)."""
+    sgd = sgd_rule(True, True, True, True, BF16, F16)
+    texts = [gpu.render(sgd), gpu.render(_accumulate_rule(F32, F16)),
+             gpu.render(sgd, capturable={}),
+             gpu.render(adam_rule(True, False, True, True, F16, F32),
+                        capturable=tensor_formulas("adamw"))]
+    here = "\n=====\n".join(texts)
     script = (
         "from stepjit.runtime import gpu; from stepjit.ir import DType as D\n"
+        "from stepjit.optim import OPTIMIZERS, registry\n"
+        "from stepjit.optim.adam import adam_rule\n"
         "from stepjit.optim.sgd import sgd_rule\n"
         "from stepjit.optim.optimizer import _accumulate_rule\n"
-        "rules = [sgd_rule(True, True, True, True, D.BF16, D.F16), "
-        "_accumulate_rule(D.F32, D.F16)]\n"
-        "print('\\n=====\\n'.join(gpu.render(r) for r in rules), end='')\n"
+        "sgd = sgd_rule(True, True, True, True, D.BF16, D.F16)\n"
+        "adam = registry.configure(OPTIMIZERS['adamw']).tensor_formulas()\n"
+        "texts = [gpu.render(sgd), gpu.render(_accumulate_rule(D.F32, D.F16)),\n"
+        "         gpu.render(sgd, capturable={}),\n"
+        "         gpu.render(adam_rule(True, False, True, True, D.F16, D.F32), capturable=adam)]\n"
+        "print('\\n=====\\n'.join(texts), end='')\n"
     )
     for seed in ("1", "2"):
         out = subprocess.run(
@@ -90,13 +115,106 @@ def test_uniform_values_are_computed_once_per_block_outside_the_element_lambda()
     assert re.search(r"= scale \* grad;", update).start() > lam
 
 
+def _kernel(source: str, name: str) -> str:
+    """The text of kernel `name` in `source`, up to the next kernel."""
+    text = source.split(f" {name}(")[1]
+    return text.split('extern "C"')[0]
+
+
 def test_partial_sums_kernel_only_computes_the_sum_terms():
     rule = sgd_rule(True, False, True, True, F32, F32)
     source = gpu.render(rule)
-    partial = source.split(f"{rule.name}_partial_sums(")[1].split(f"{rule.name}_update(")[0]
+    partial = _kernel(source, f"{rule.name}_partial_sums")
     assert "param_ptr" not in partial and "momentum_buffer_ptr" not in partial
-    assert "sum_0 += v" in partial and "block_sum<BLOCK>(sum_0, scratch)" in partial
+    assert "block_sum<BLOCK>(sum_0, scratch)" in partial
     assert not re.search(r"atomic\w*\(", source)  # deterministic: no atomics anywhere
+
+
+X64 = tensor("x", F32).cast(F64)
+
+
+@pytest.mark.parametrize(
+    ("term", "in_float32"),
+    [
+        (X64 * X64, "x * x"),  # a clip norm's square
+        (tensor("h", F16).cast(F64) * tensor("b", BF16).cast(F64),
+         "__half2float(h) * __bfloat162float(b)"),
+        (X64, "x"),
+        (abs(-X64), "fabsf((-x))"),
+        (-(X64 * abs(X64)), "(-x * fabsf(x))"),
+        (tensor("w", F64) * tensor("w", F64), None),  # a float64 parameter
+        (X64 * scalar("s", F64), None),  # a float64 scalar
+        (X64 * X64 * X64, None),  # two roundings in float32
+        (X64 / (X64 + 1.0), None),
+        ((X64 + X64) * X64, None),
+        (tensor("f", F32).exp().cast(F64) * X64, "v2 * x"),  # any float32 value
+    ],
+)
+def test_which_sum_terms_are_computed_in_float32(term, in_float32):
+    """A float64 term is computed in float32 when that rounds it at most once: a cast of a
+    float32-or-narrower value, or the product of two (negated or absolute or not)."""
+    rule = UpdateRule("terms", [Slot("x", F32), Slot("h", F16), Slot("b", BF16), Slot("w", F64),
+                                Slot("f", F32), Slot("out", F64, True)],
+                      {"out": tensor("w", F64) + term.sum()})
+    partial = _kernel(gpu.render(rule), "terms_partial_sums")
+    ids = {n: i for i, n in enumerate(rule.nodes)}
+    if in_float32 is None:
+        assert "run_0" not in partial and "accumulate_exact" not in partial
+        assert re.search(rf"sum_0 \+= v{ids[term]};", partial)
+    else:
+        line = f"run_0 += {in_float32};  // %{ids[term]} = {term.op.value} "
+        assert line in partial and "float run_0;" in partial
+        assert "if (float32_run_ok(run_0)) {" in partial
+        assert "sum_0 += (double)run_0;" in partial
+        assert re.search(rf"sum_0 \+= v{ids[term]};", partial.split("accumulate_exact")[1])
+
+
+def test_float32_run_sums_fall_back_to_float64_outside_float32_range():
+    """The runs of an F32 clip norm are float32, each checked; float64 parameters keep float64."""
+    f32 = _kernel(gpu.render(sgd_rule(False, False, False, True, F32, F32)),
+                  "sgd_clip_float32_float32_partial_sums")
+    assert re.search(r"run_0 \+= v\d+ \* v\d+;  // %\d+ = mul %\d+, %\d+ : float64, in float32",
+                     f32)
+    body = f32.split("run_0 = 0.0f;")[1]
+    assert body.index("accumulate(") < body.index("float32_run_ok(run_0)")
+    assert body.index("float32_run_ok(run_0)") < body.index("accumulate_exact(")
+    f64 = _kernel(gpu.render(sgd_rule(False, False, False, True, F64, F64)),
+                  "sgd_clip_float64_float64_partial_sums")
+    assert "run_0" not in f64 and re.search(r"sum_0 \+= v\d+;", f64)
+    prelude = (gpu.template_dir() / "prelude.cuh").read_text()
+    assert "magnitude >= 0x1p-100f && magnitude <= 0x1.fffffep127f" in prelude
+
+
+def test_tensor_sums_are_added_once_per_tensor():
+    """tensor_sums: blocks of later chunks return; the first chunk's block adds the partials
+    and writes them over its own row, which the update reads with one load per sum."""
+    rule = lars_rule(True, True, True, F32, F32)  # two reductions
+    source = gpu.render(rule)
+    sums = _kernel(source, f"{rule.name}_tensor_sums")
+    assert sums.index("if (chunk.y != 0) {\n        return;") < sums.index("block_sum")
+    assert "sum_1 += partials[1];" in sums
+    assert sums.rindex("block_sum") < sums.index("chunk_partials[first_chunk * 2 + 0] = sum_0;")
+    update = _kernel(source, f"{rule.name}_update")
+    assert ("totals = chunk_partials + (long long)(blockIdx.x - chunk.y) * 2;" in update)
+    assert "const double sum_1 = totals[1];" in update and "block_sum" not in update
+
+
+def test_misaligned_tensors_take_coalesced_scalar_accesses():
+    """Aligned: VEC consecutive elements per thread from begin + t * VEC, loaded as one pack;
+    not aligned: elements begin + t + k * BLOCK, consecutive threads on consecutive elements."""
+    rule = sgd_rule(True, False, False, True, F32, F32)
+    source = gpu.render(rule)
+    for kernel in (f"{rule.name}_partial_sums", f"{rule.name}_update"):
+        text = _kernel(source, kernel)
+        assert "const long long spacing = aligned ? 1 : BLOCK;" in text
+        assert "i = begin + (long long)threadIdx.x * (aligned ? VEC : 1);" in text
+        assert "i += (long long)BLOCK * VEC)" in text
+        assert "const bool wide = aligned && i + VEC <= end;" in text
+        assert "grad_v = load_pack<VEC>(grad_ptr + i);" in text
+        assert "grad_v.v[k] = grad_ptr[i + k * spacing];" in text
+    update = _kernel(source, f"{rule.name}_update")
+    assert "store_pack(param_ptr + i, param_v);" in update
+    assert "param_ptr[i + k * spacing] = param_v.v[k];" in update
 
 
 def test_half_headers_only_when_needed():
@@ -217,9 +335,18 @@ def test_templates_are_found_and_complete():
     folder = gpu.template_dir()
     for name in cuda.TEMPLATE_NAMES:
         assert (folder / name).is_file()
-    text = (folder / "update.cu").read_text()
-    for field in ("${kernel_name}", "${element_body}", "${pack_body}", "${scalar_params}"):
-        assert field in text
+    fields = {
+        "update.cu": ("${kernel_name}", "${element_body}", "${load_packs}", "${store_packs}",
+                      "${scalar_params}", "${tensor_sums}"),
+        "partial_sums.cu": ("${kernel_name}", "${element_body}", "${load_packs}", "${run_start}",
+                            "${run_end}", "${exact_terms}", "${block_sums}"),
+        "tensor_sums.cu": ("${kernel_name}", "${scalar_params}", "${chunk_sums}", "${totals}"),
+        "prepare.cu": ("${kernel_name}", "${input_params}", "${formulas}", "${writes}"),
+    }
+    for name, wanted in fields.items():
+        text = (folder / name).read_text()
+        for field in wanted:
+            assert field in text, (name, field)
 
 
 def test_codegen_does_not_import_runtime_or_optim():
@@ -237,3 +364,92 @@ def test_const_only_rule_and_bool_per_tensor():
     c = const(2.0, F64)
     rule = UpdateRule("k", [Slot("w", F64, written=True)], {"w": tensor("w", F64) * c})
     assert "w_out = v" in gpu.render(rule)
+
+
+# -- the capturable variant ------------------------------------------------------------------------
+def test_capturable_kernels_take_lr_source_and_derive_lr_from_it():
+    rule = sgd_rule(True, False, True, True, F32, F32)
+    info = cuda.describe(rule, capturable={})
+    assert info.capturable and all(k.endswith("_capturable") for k in info.kernels)
+    assert info.kernels == tuple(f"{k}_capturable" for k in cuda.describe(rule).kernels)
+    names = [n for _, n in info.params]
+    assert names[5:] == ["lr_source", *("lr_arg" if n == "lr" else n for n in rule.scalar_names)]
+    assert dict((n, t) for t, n in info.params)["lr_source"] == "const float*"
+    source = gpu.render(rule, capturable={})
+    for kernel in info.kernels:  # the same arguments for every kernel of the step
+        assert ("chunk_partials,\n    const float* __restrict__ lr_source,\n"
+                "    const double clip_norm," in _kernel(source, kernel))
+    update = _kernel(source, info.update)
+    lam = update.index("auto update = ")
+    live = update.index("const float lr = lr_source != nullptr ? "
+                        "(float)((double)lr_arg * (double)*lr_source) : lr_arg;")
+    assert update.index("// Values uniform over the tensor") < live < lam
+    assert "lr_arg" not in _kernel(source, info.partial_sums).split("{", 1)[1]
+
+
+def test_a_float64_lr_is_scaled_in_float64():
+    rule = adam_rule(False, False, True, False, F32, F32)  # AdamW: lr is a float64 scalar
+    source = gpu.render(rule, capturable=tensor_formulas("adamw"))
+    assert ("const double lr = lr_source != nullptr ? (lr_arg * (double)*lr_source) : lr_arg;"
+            in source)
+
+
+def test_plain_and_capturable_variants_share_a_module():
+    rule = sgd_rule(True, False, False, True, BF16, F16)
+    plain, capturable = cuda.describe(rule), cuda.describe(rule, capturable={})
+    names = [*plain.kernels, *capturable.kernels, capturable.prepare]
+    assert len(set(names)) == len(names)
+    assert "_capturable" not in gpu.render(rule)
+
+
+def test_prepare_kernel_evaluates_the_formulas_node_by_node():
+    rule = adam_rule(False, False, False, False, F32, F32)
+    formulas = tensor_formulas("adam")
+    info = cuda.describe(rule, capturable=formulas)
+    assert info.prepare == f"{rule.name}_prepare_capturable"
+    assert info.prepare_inputs == ("beta1", "beta2", "lr") and info.prepare_block == 256
+    assert info.prepare_params == (("float*", "steps"), ("double*", "per_tensor_values"),
+                                   ("const float*", "lr_source"), ("int", "n_tensors"),
+                                   ("double", "beta1"), ("double", "beta2"), ("double", "lr_arg"))
+    prepare = _kernel(gpu.render(rule, capturable=formulas), info.prepare)
+    assert prepare.lstrip().startswith("float* __restrict__ steps,\n    double* __restrict__ "
+                              "per_tensor_values,\n    const float* __restrict__ lr_source,\n"
+                              "    const int n_tensors,\n    const double beta1,")
+    for line in ("const float step_count = steps[tensor] + 1.0f;",
+                 "steps[tensor] = step_count;",
+                 "const double step = (double)step_count;",
+                 "const double lr = lr_source != nullptr ? lr_arg * (double)*lr_source : lr_arg;"):
+        assert line in prepare
+    assert re.search(r"const double v\d+ = log\(beta1\);  // %\d+ = log %\d+ : float64", prepare)
+    j = rule.per_tensor_names.index("step_size")
+    assert re.search(rf"per_tensor_values\[\(long long\)tensor \* 2 \+ {j}\] = v\d+;  "
+                     r"// step_size <- %\d+", prepare)
+
+
+def test_first_flag_comes_from_the_step_count():
+    rule = sgd_rule(True, False, False, False, F32, F32)
+    info = cuda.describe(rule, capturable={})
+    assert info.prepare and info.prepare_inputs == ()
+    prepare = _kernel(gpu.render(rule, capturable={}), info.prepare)
+    assert ("per_tensor_values[(long long)tensor * 1 + 0] = step_count == 1.0f ? 1.0 : 0.0;"
+            in prepare)
+    assert "const double step" not in prepare  # no formula reads it
+    # no per-tensor value: no prepare kernel
+    assert cuda.describe(sgd_rule(False, False, False, False, F32, F32), capturable={}).prepare \
+        is None
+
+
+def test_formulas_must_match_the_per_tensor_values():
+    adam = adam_rule(False, False, False, False, F32, F32)
+    with pytest.raises(ValueError, match="no formula for the per-tensor value "
+                                         "bias_correction2_sqrt, step_size"):
+        cuda.describe(adam, capturable={})
+    with pytest.raises(ValueError, match="has no per-tensor value clr"):
+        gpu.render(adam, capturable={**tensor_formulas("adam"), **tensor_formulas("adagrad")})
+    with pytest.raises(ValueError, match="has no per-tensor value clr"):
+        cuda.describe(sgd_rule(True, False, False, False, F32, F32),
+                      capturable=tensor_formulas("adagrad"))
+    clr = adagrad_rule(False, False, F32, F32)
+    for bad in (scalar("lr", F32), per_tensor("count", F64), tensor("grad", F64)):
+        with pytest.raises(ValueError, match="reads float64 scalars"):
+            cuda.describe(clr, capturable={"clr": bad * 2.0})

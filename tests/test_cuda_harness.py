@@ -7,12 +7,15 @@ backend's own table builder, and compared with the reference interpreter (`stepj
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from cuda_host.harness import HostLibrary, compiler
-from cuda_rules import optimizer_cases
+from cuda_rules import optimizer_cases, tensor_formulas
 
 from stepjit.codegen import cuda
+from stepjit.codegen.cuda import FIRST, LR
 from stepjit.ir import (
     DType,
     Op,
@@ -26,6 +29,10 @@ from stepjit.ir import (
     tensor,
     where,
 )
+from stepjit.optim import OPTIMIZERS, registry
+from stepjit.optim.adagrad import adagrad_rule
+from stepjit.optim.adam import adam_rule
+from stepjit.optim.lars import lars_rule
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 from stepjit.optim.sgd import sgd_rule
 
@@ -86,40 +93,66 @@ PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [
 ]
 
 
-def _smallest_and_largest(cases) -> list[UpdateRule]:
-    """Per optimizer, its rule with the fewest nodes and its rule with the most."""
-    by_optimizer: dict[str, list[UpdateRule]] = {}
+def _smallest_and_largest(cases) -> list:
+    """Per optimizer, its case whose rule has the fewest nodes and the one with the most."""
+    by_optimizer: dict[str, list] = {}
     for c in cases:
-        by_optimizer.setdefault(c.optimizer, []).append(c.rule)
+        by_optimizer.setdefault(c.optimizer, []).append(c)
     picked = {}
-    for rules in by_optimizer.values():
-        rules.sort(key=lambda r: len(r.nodes))
-        picked.update({rules[0].key: rules[0], rules[-1].key: rules[-1]})
+    for group in by_optimizer.values():
+        group.sort(key=lambda c: len(c.rule.nodes))
+        picked.update({group[0].rule.key: group[0], group[-1].rule.key: group[-1]})
     return list(picked.values())
 
 
-# a rule with a reduction takes two emulated launches over many chunks (about a second): per
+# a rule with a reduction takes three emulated launches over many chunks (about a second): per
 # optimizer, its smallest and its largest such rule run here (test_cuda_compile compiles all)
-CLIP = _smallest_and_largest([c for c in CASES if c.rule.reductions])
+CLIP_CASES = _smallest_and_largest([c for c in CASES if c.rule.reductions])
+CLIP = [c.rule for c in CLIP_CASES]
 PRODUCTION = list({r.key: r for r in [*PLAIN, *CLIP, *PINNED]}.values())
-SMALL_RULES = [
+# views into buckets: elementwise rules of every pack width (VEC 2, 4, 8) and mixed slot widths
+BUCKETED = [
+    sgd_rule(True, False, True, False, F32, F32),
+    sgd_rule(True, False, False, False, BF16, BF16),
+    adam_rule(False, False, True, False, F64, F64),
+    _zero_rule(BF16),
+    _accumulate_rule(F32, F16),
+]
+BUCKETED_CLIP = [sgd_rule(True, False, True, True, F32, F32), lars_rule(True, True, True, F16, F16)]
+SMALL_RULES = list({r.key: r for r in [
     sgd_rule(True, False, True, True, F32, F32),
     sgd_rule(False, False, False, True, F32, F32),
     sgd_rule(False, False, False, True, F64, F64),
     sgd_rule(True, False, False, False, F16, F32),
+    *BUCKETED,
+    *BUCKETED_CLIP,
+]}.values())
+# both variants: every optimizer's clip rules (lr on the device or not, per-tensor values, first
+# flags, one or two reductions), and one rule per optimizer for its prepare kernel
+PREPARE = {
+    "adam": adam_rule(False, False, False, False, F32, F32),
+    "adamw": adam_rule(False, False, True, False, F32, F32),
+    "adagrad": adagrad_rule(False, False, F32, F32),
+    "sgd": sgd_rule(True, False, False, False, F32, F32),
+}
+CAPTURABLE = [(c.rule, c.formulas) for c in CLIP_CASES] + [
+    (rule, tensor_formulas(name)) for name, rule in PREPARE.items()
 ]
 
 
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
-    """Both libraries, compiled in parallel: production geometry and a small one."""
+    """The libraries, compiled in parallel: production geometry, a small one, and the plain and
+    capturable variants of CAPTURABLE in the small one."""
     work = tmp_path_factory.mktemp("cuda_host")
     pending = [
         HostLibrary.start(PRODUCTION + [ops_rule(), casts_rule()], work, "production"),
         HostLibrary.start(SMALL_RULES + [ops_rule()], work, "small", **SMALL),
+        HostLibrary.start([entry for rule, formulas in CAPTURABLE
+                           for entry in (rule, (rule, formulas))], work, "capturable", **SMALL),
     ]
-    production, small = (p.finish() for p in pending)
-    return {"production": production, "small": small}
+    production, small, capturable = (p.finish() for p in pending)
+    return {"production": production, "small": small, "capturable": capturable}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -195,7 +228,7 @@ def raw_bits(a, dtype):
     return np.asarray(a).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])
 
 
-def assert_matches(actual, want, dtype, *, exact, what=""):
+def assert_matches(actual, want, dtype, *, exact, what="", atol=0.0):
     a, e = as_f64(actual), as_f64(want)
     nan = np.isnan(a) | np.isnan(e)
     assert (np.isnan(a) == np.isnan(e)).all(), f"{what}: NaN positions differ"
@@ -210,8 +243,8 @@ def assert_matches(actual, want, dtype, *, exact, what=""):
     else:
         rtol = 1e-12 if dtype is F64 else 1e-5
         scale = np.max(np.abs(e[~nan & np.isfinite(e)]), initial=0.0)
-        np.testing.assert_allclose(a[~nan], e[~nan], rtol=rtol, atol=rtol * 1e-2 * scale,
-                                   err_msg=what)
+        np.testing.assert_allclose(a[~nan], e[~nan], rtol=rtol,
+                                   atol=rtol * 1e-2 * scale + atol, err_msg=what)
 
 
 def run_and_check(lib, rule, sizes, rng, *, exact, misaligned=(), specials=()):
@@ -225,6 +258,53 @@ def run_and_check(lib, rule, sizes, rng, *, exact, misaligned=(), specials=()):
             assert_matches(got[slot], value, rule.slot(slot).dtype, exact=exact,
                            what=f"{rule.name} tensor {t} ({sizes[t]} elements) slot {slot}")
     return tensors, result
+
+
+def sum_bound(terms, vec: int) -> float:
+    """How far a kernel's sum of the float64 `terms` may be from the exact sum: float32 runs of
+    at most `vec` terms, each term rounded once to float32, added in float64 (the partial-sum
+    template): (vec + 1) 2^-24 + n 2^-53 of the sum of their magnitudes."""
+    terms = np.asarray(terms, np.float64)
+    return ((vec + 1) * 2.0**-24 + terms.size * 2.0**-53) * float(np.abs(terms).sum())
+
+
+def assert_sum_within_bound(got, terms, vec, what=""):
+    exact = math.fsum(np.asarray(terms, np.float64))
+    bound = sum_bound(terms, vec)
+    assert abs(got - exact) <= bound, f"{what}: {got!r}, exact {exact!r}, bound {bound!r}"
+
+
+def first_chunks(sizes, chunk):
+    """The row of each tensor's first chunk in chunk_partials (empty tensors have none)."""
+    counts = [-(-n // chunk) for n in sizes]
+    return np.cumsum([0, *counts[:-1]])
+
+
+def wide_range(rng, n, low, high):
+    """n float32 values of random signs, their magnitudes spread evenly over 2^low to 2^high."""
+    return (rng.choice([-1.0, 1.0], n) * np.exp2(rng.uniform(low, high, n))).astype(np.float32)
+
+
+def bucket_views(rule, sizes, rng, bucketed):
+    """Tensors whose slots in `bucketed` are views into one buffer per slot, back to back from
+    element 1, as DDP's gradient buckets and FSDP's flat parameters hold them: aligned for wide
+    accesses or not as the running offset falls. The other slots are arrays of their own
+    (aligned). Returns the tensors and copies of them that are all aligned."""
+    copies = make_tensors(rule, sizes, rng)
+    buffers = {s: np.zeros(1 + sum(sizes), rule.slot(s).dtype.to_numpy()) for s in bucketed}
+    views, offset = [], 1
+    for copy, n in zip(copies, sizes, strict=True):
+        view = {s: a.copy() for s, a in copy.items() if s not in bucketed}
+        for s in bucketed:
+            view[s] = buffers[s][offset:offset + n]
+            view[s][...] = copy[s]
+        views.append(view)
+        offset += n
+    return views, copies
+
+
+def pack_aligned(array, vec):
+    return array.ctypes.data % (array.itemsize * vec) == 0
 
 
 SIZES = [1000, 3, CHUNK + 5, 0, 2 * CHUNK + 17, 1]
@@ -248,38 +328,107 @@ def test_clip_rules_match_within_tolerance(libs, rule):
     assert np.isfinite(result.partials).all()
 
 
-def test_clipping_happens_and_partials_are_chunk_sums(libs):
-    """Per-chunk partials from the first launch are the float64 sums of each chunk; the second
-    launch clips exactly the tensors whose norm exceeds clip_norm."""
+def test_partials_totals_and_clipping(libs):
+    """partial_sums writes each chunk's sum, tensor_sums each tensor's total over the partial of
+    its first chunk (the other rows stay), neither writes a tensor; the update clips exactly the
+    tensors whose norm exceeds clip_norm."""
     rule = sgd_rule(False, False, False, True, F32, F32)
     lib = libs["small"]
+    info = lib.info(rule)
     rng = np.random.default_rng(3)
     sizes = [20000, 50, 700]  # 79 chunks of 256 for the first tensor: more than 64 threads
     tensors = make_tensors(rule, sizes, rng)
     tensors[1]["grad"] *= 0.01  # this one stays below the clip norm
-    grads = [t["grad"].copy() for t in tensors]
+    grads = [t["grad"].astype(np.float64) for t in tensors]
     params = [t["param"].copy() for t in tensors]
     scalars = {**scalars_for(rule), "clip_norm": 5.0, "lr": 1.0, "scale": 1.0}
     pt = np.zeros((3, 0))
     want = expected(rule, tensors, pt, scalars)
-    result = lib.run(rule, tensors, pt, scalars)
     chunk = SMALL["chunk"]
-    row = 0
-    for g in grads:
-        g2 = g.astype(np.float64) ** 2
-        for start in range(0, g.size, chunk):
-            np.testing.assert_allclose(result.partials[row, 0], g2[start:start + chunk].sum(),
-                                       rtol=1e-13)
-            row += 1
-    assert row == result.n_chunks
+    partials = lib.run(rule, tensors, pt, scalars, kernels=[info.partial_sums]).partials
+    rows = [g[start:start + chunk] ** 2 for g in grads for start in range(0, g.size, chunk)]
+    assert len(rows) == partials.shape[0]
+    for row, terms in enumerate(rows):
+        assert_sum_within_bound(partials[row, 0], terms, info.vec, f"chunk {row}")
+    chunk_sums = partials.copy()
+    lib.run(rule, tensors, pt, scalars, partials=partials, kernels=[info.tensor_sums])
+    first = first_chunks(sizes, chunk)
+    for t, g in enumerate(grads):
+        assert_sum_within_bound(partials[first[t], 0], g**2, info.vec, f"tensor {t}")
+    others = np.setdiff1d(np.arange(len(rows)), first)
+    assert partials[others].tobytes() == chunk_sums[others].tobytes()
+    for t, p in zip(tensors, params, strict=True):
+        assert t["param"].tobytes() == p.tobytes()
+    lib.run(rule, tensors, pt, scalars)
     for t, g, p, exp in zip(tensors, grads, params, want, strict=True):
-        norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+        norm = np.sqrt(np.sum(g**2))
         step = p - t["param"]
         if norm > 5.0:
             np.testing.assert_allclose(np.linalg.norm(step.astype(np.float64)), 5.0, rtol=1e-5)
         else:
-            np.testing.assert_array_equal(step, p - (p - g))
+            np.testing.assert_array_equal(step, p - (p - g.astype(np.float32)))
         assert_matches(t["param"], exp["param"], F32, exact=False)
+
+
+@pytest.mark.parametrize(("low", "high"), [(-20, 20), (-75, 70), (-80, -64)])
+def test_sums_over_a_large_dynamic_range(libs, low, high):
+    """Gradients from 2^low to 2^high, in tensors of more chunks than the block has threads:
+    squares above 2^128 overflow float32 and below 2^-126 lose bits or vanish, so the runs that
+    float32 cannot sum accurately are summed again in float64; every total stays within the
+    bound of the exact sum (finite, nonzero), the same bits on every run, and the clipped
+    update matches the interpreter."""
+    rule = sgd_rule(False, False, False, True, F32, F32)
+    lib = libs["small"]
+    info = lib.info(rule)
+    sizes = [70 * SMALL["chunk"] + 1, 3000, 37]
+    scalars = {**scalars_for(rule), "clip_norm": 5.0}
+    pt = np.zeros((len(sizes), 0))
+    runs = []
+    for _ in range(2):
+        tensors = make_tensors(rule, sizes, np.random.default_rng(1))
+        for t, n in zip(tensors, sizes, strict=True):
+            t["grad"][...] = wide_range(np.random.default_rng(n), n, low, high)
+        runs.append(lib.run(rule, tensors, pt, scalars, kernels=info.kernels[:2]).partials)
+    assert runs[0].tobytes() == runs[1].tobytes()
+    first = first_chunks(sizes, SMALL["chunk"])
+    for t, row in enumerate(first):
+        terms = (scalars["scale"] * tensors[t]["grad"]).astype(np.float64) ** 2
+        assert_sum_within_bound(runs[0][row, 0], terms, info.vec, f"tensor {t}")
+        assert 0 < runs[0][row, 0] < np.inf
+    want = expected(rule, tensors, pt, scalars)
+    lib.run(rule, tensors, pt, scalars)
+    for t, exp in zip(tensors, want, strict=True):
+        assert_matches(t["param"], exp["param"], F32, exact=False)
+
+
+@pytest.mark.parametrize("rule", BUCKETED + BUCKETED_CLIP,
+                         ids=[r.name for r in BUCKETED + BUCKETED_CLIP])
+def test_views_into_buckets_match_aligned_tensors(libs, rule):
+    """Tensors that are views at odd offsets into one buffer per slot (the gradient alone, as in
+    DDP, or every slot, as in FSDP) take the coalesced scalar path where a slot is not aligned
+    for wide accesses: the interpreter's bits, and the aligned copies' bits (within the sum
+    tolerance where the rule reduces: its runs group other elements)."""
+    lib = libs["small"]
+    info = lib.info(rule)
+    # from element 1: offsets 1, 1001, 1004, then 1008 (aligned for every VEC), 1525, ...
+    sizes = [1000, 3, 4, 517, 0, 2 * SMALL["chunk"] + 17, 1, 255]
+    exact = not rule.reductions
+    for bucketed in ({"grad"}, {s.name for s in rule.slots}):
+        views, copies = bucket_views(rule, sizes, np.random.default_rng(2), bucketed)
+        assert all(pack_aligned(a, info.vec) for c in copies for a in c.values())
+        offsets = {pack_aligned(v[s], info.vec) for v in views for s in bucketed if v[s].size}
+        assert offsets == {True, False}  # both paths, in one launch
+        pt = first_flags(rule, len(sizes))
+        scalars = scalars_for(rule)
+        want = expected(rule, copies, pt, scalars)
+        lib.run(rule, views, pt, scalars)
+        lib.run(rule, copies, pt, scalars)
+        for t, (view, copy, exp) in enumerate(zip(views, copies, want, strict=True)):
+            for slot, value in exp.items():
+                dtype = rule.slot(slot).dtype
+                what = f"{rule.name} {sorted(bucketed)} tensor {t} slot {slot}"
+                assert_matches(view[slot], value, dtype, exact=exact, what=what)
+                assert_matches(view[slot], copy[slot], dtype, exact=exact, what=what)
 
 
 @pytest.mark.parametrize("geometry", ["production", "small"])
@@ -313,12 +462,16 @@ def test_every_op_matches_the_interpreter(libs, geometry):
     pt = first_flags(rule, len(sizes))
     scalars = scalars_for(rule)
     want = expected(rule, tensors, pt, scalars)
+    # w adds sum(x * x) / (sum(w * w) + 1): the first in float32 runs, as far as sum_bound
+    vec = libs[geometry].info(rule).vec
+    atol = [sum_bound(t["x"].astype(np.float64) ** 2, vec)
+            / (np.sum(t["w"].astype(np.float64) ** 2) + 1.0) for t in tensors]
     libs[geometry].run(rule, tensors, pt, scalars)
     for t, (got, exp) in enumerate(zip(tensors, want, strict=True)):
         for slot, value in exp.items():
             # only w depends on the sums, whose order of addition differs from numpy's
             assert_matches(got[slot], value, rule.slot(slot).dtype, exact=slot != "w",
-                           what=f"tensor {t} slot {slot}")
+                           what=f"tensor {t} slot {slot}", atol=atol[t])
 
 
 def test_half_conversions_round_to_nearest_even(libs):
@@ -352,20 +505,101 @@ def test_denormals_are_kept(libs):
     assert (t["param"] == tiny).all() and tiny != 0
 
 
-def test_update_adds_the_partials_of_its_own_tensor(libs):
-    """The second launch takes each tensor's norm from the partials of that tensor's chunks
-    (here planted by hand, the first launch skipped) and every block agrees on it."""
+def test_update_reads_the_total_of_its_own_tensor(libs):
+    """tensor_sums adds each tensor's chunk partials (planted by hand, partial_sums skipped)
+    into the row of its first chunk, and every block of the update reads the total there: the
+    other rows are never read (NaN when tensor_sums is skipped too)."""
     rule = sgd_rule(False, False, False, True, F64, F64)
     lib = libs["small"]
+    info = lib.info(rule)
     sizes = [5000, 300]  # 20 and 2 chunks of 256
-    tensors = make_tensors(rule, sizes, np.random.default_rng(1))
-    before = [t["param"].copy() for t in tensors]
-    partials = np.concatenate([np.full((20, 1), 4.0), np.full((2, 1), 1e-6)])
+    per_chunk = np.concatenate([np.full((20, 1), 4.0), np.full((2, 1), 5e-7)])
+    totals = np.full((22, 1), np.nan)
+    totals[[0, 20]] = [[80.0], [1e-6]]
     scalars = {**scalars_for(rule), "clip_norm": 1.0}
-    lib.run(rule, tensors, np.zeros((2, 0)), scalars, partials=partials, update_only=True)
-    g0 = scalars["scale"] * tensors[0]["grad"]
-    factor = 1.0 / np.sqrt(80.0)  # norm from the planted partials: 20 chunks x 4.0
-    np.testing.assert_allclose(tensors[0]["param"], before[0] - scalars["lr"] * g0 * factor,
-                               rtol=1e-12)
-    g1 = scalars["scale"] * tensors[1]["grad"]  # planted norm 1.4e-3 < clip_norm: unclipped
-    np.testing.assert_allclose(tensors[1]["param"], before[1] - scalars["lr"] * g1, rtol=1e-12)
+    for partials, kernels in ((per_chunk, [info.tensor_sums, info.update]),
+                              (totals, [info.update])):
+        tensors = make_tensors(rule, sizes, np.random.default_rng(1))
+        before = [t["param"].copy() for t in tensors]
+        lib.run(rule, tensors, np.zeros((2, 0)), scalars, partials=partials, kernels=kernels)
+        g0 = scalars["scale"] * tensors[0]["grad"]
+        factor = 1.0 / np.sqrt(80.0)  # norm from the planted partials: 20 chunks x 4.0
+        np.testing.assert_allclose(tensors[0]["param"],
+                                   before[0] - scalars["lr"] * g0 * factor, rtol=1e-12)
+        g1 = scalars["scale"] * tensors[1]["grad"]  # planted norm 1e-3 < clip_norm: unclipped
+        np.testing.assert_allclose(tensors[1]["param"], before[1] - scalars["lr"] * g1,
+                                   rtol=1e-12)
+
+
+# -- the capturable variant ------------------------------------------------------------------------
+@pytest.mark.parametrize(("rule", "formulas"), CAPTURABLE, ids=[r.name for r, _ in CAPTURABLE])
+def test_capturable_kernels_match_the_plain_ones(libs, rule, formulas):
+    """With lr_source null, the capturable kernels give the plain kernels' bits. With lr_source
+    pointing at a float32 learning rate and lr_arg 1 (or 1/4 of 4 lr: an exact product), the
+    plain kernels' bits given that learning rate; given another one at lr_source, other bits
+    (when the rule has an lr: the kernels read it)."""
+    lib = libs["capturable"]
+    sizes = [1000, 3, 517, 0, 3 * SMALL["chunk"] + 1, 1]
+    scalars = scalars_for(rule)
+    lr = float(np.float32(0.375))
+
+    def run(capturable, lr_arg, lr_source=None):
+        tensors = make_tensors(rule, sizes, np.random.default_rng(5), misaligned=(1, 2))
+        source = None if lr_source is None else np.array([lr_source], np.float32)
+        result = lib.run(rule, tensors, first_flags(rule, len(sizes)), {**scalars, "lr": lr_arg},
+                         capturable=capturable, lr_source=source)
+        return [t[s.name].tobytes() for t in tensors for s in rule.slots], \
+            result.partials.tobytes()
+
+    plain = run(False, lr)
+    assert run(True, lr) == plain
+    assert run(True, 1.0, lr) == plain
+    assert run(True, 0.25, 4 * lr) == plain
+    assert (run(True, 1.0, 2 * lr) != plain) == (LR in rule.scalar_names)
+
+
+PREPARE_CONFIGS = [
+    ("adam", {"betas": (0.9, 0.999)}),
+    ("adam", {"betas": (0.0, 0.0), "lr": 0.5}),
+    ("adamw", {"betas": (0.5, 0.99), "lr": 0.3}),
+    ("adagrad", {"lr_decay": 0.1}),
+    ("adagrad", {"lr_decay": 0.0, "lr": 2.0, "lr_mult": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "config"), PREPARE_CONFIGS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(PREPARE_CONFIGS)])
+def test_prepare_computes_the_optimizers_tensor_values(libs, name, config):
+    """prepare increments every tensor's step count and computes what the optimizer's
+    `tensor_values` computes on the host, in float64, for steps 1 to 10000 (40 blocks); with
+    lr_source, lr is lr_arg times *lr_source."""
+    lib = libs["capturable"]
+    rule = PREPARE[name]
+    opt = registry.configure(OPTIMIZERS[name], **{k: v for k, v in config.items()
+                                                  if k != "lr_mult"})
+    group = opt.param_groups[0]
+    group["lr_mult"] = config.get("lr_mult", 1.0)
+    inputs = opt.scalars(group)
+    steps = np.arange(10000, dtype=np.float32)
+    values = lib.prepare(rule, steps, inputs)
+    np.testing.assert_array_equal(steps, np.arange(1, 10001))
+    want = opt.tensor_values(group, steps.astype(np.float64))
+    for j, value in enumerate(rule.per_tensor_names):
+        np.testing.assert_allclose(values[:, j], want[value], rtol=1e-12, atol=0, err_msg=value)
+    lr = float(np.float32(inputs[LR]))
+    given = lib.prepare(rule, np.arange(10000, dtype=np.float32), {**inputs, LR: lr})
+    live = lib.prepare(rule, np.arange(10000, dtype=np.float32), {**inputs, LR: 1.0},
+                       lr_source=np.array([lr], np.float32))
+    assert live.tobytes() == given.tobytes()
+
+
+def test_prepare_sets_first_on_a_tensors_first_step(libs):
+    """SGD with momentum: `first` (no formula) is 1 where the count was 0, else 0."""
+    lib = libs["capturable"]
+    rule = PREPARE["sgd"]
+    assert rule.per_tensor_names == (FIRST,)
+    before = np.array([0, 1, 0, 7, 2] * 60, np.float32)  # 300 tensors: two blocks
+    steps = before.copy()
+    values = lib.prepare(rule, steps, {})
+    np.testing.assert_array_equal(steps, before + 1)
+    np.testing.assert_array_equal(values[:, 0], (before == 0).astype(np.float64))

@@ -11,6 +11,7 @@ device runs the code (see test_cuda_gpu.py for that).
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import types
 
@@ -21,12 +22,21 @@ from fake_cupy import FakeArray, Model, StreamRace, install
 
 import stepjit
 from stepjit.ir import DType, evaluate
+from stepjit.optim.adam import adam_rule
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 from stepjit.optim.sgd import sgd_rule
 from stepjit.runtime import arrays, select
 
 gpu = pytest.importorskip("stepjit.runtime.gpu")
 F16, F32, F64 = DType.F16, DType.F32, DType.F64
+
+ADAM = adam_rule(False, False, False, False, F32, F32)
+
+
+def _formulas(cls) -> dict:
+    """An optimizer class's per-tensor formulas (they do not depend on the parameters)."""
+    return cls([stepjit.Parameter(np.zeros(1, np.float32))], backend="reference").tensor_formulas()
+
 
 RULES = [
     sgd_rule(True, False, True, False, F32, F32),
@@ -35,6 +45,9 @@ RULES = [
     sgd_rule(False, False, False, False, F32, F32),
     _accumulate_rule(F32, F32),
     _zero_rule(F32),
+    ADAM,
+    (sgd_rule(True, False, True, False, F32, F32), {}),  # capturable variants
+    (ADAM, _formulas(stepjit.optim.Adam)),
 ]
 
 
@@ -108,8 +121,8 @@ def test_sgd_through_the_cuda_backend_matches_the_reference(fake, config):
     update = [n for n in fake if n.endswith("_update")]
     partial = [n for n in fake if n.endswith("_partial_sums")]
     assert len(update) == 4 and len(partial) == (4 if clip else 0)  # one group, 4 steps
-    if clip:  # the partial sums always run just before the update
-        assert all(fake[i].endswith("_partial_sums") for i in range(0, 8, 2))
+    if clip:  # the partial sums, their per-tensor totals, then the update
+        assert all(fake[i].endswith("_partial_sums") for i in range(0, 12, 3))
 
 
 def test_uploads_only_when_tables_or_flags_change(fake):
@@ -307,3 +320,105 @@ def test_cupy_steps_on_alternating_streams_are_ordered(fake):
     b.synchronize()
     for p, r in zip(params, ref, strict=True):
         np.testing.assert_array_equal(p.data.get(), r.data)
+
+
+# -- capturable steps ------------------------------------------------------------------------------
+SCHEDULE = [0.01 * (1 + np.cos(np.pi * k / 12)) / 2 + 1e-3 for k in range(12)]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_captured_step_replays_with_the_current_lr_and_step_count(fake, name):
+    # warm-up steps, one step captured, then replays with a schedule written into a device lr
+    # between them and new gradient values copied into the same gradient arrays: the replays
+    # must follow the schedule and count steps, as eager steps of the reference do
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    cls = getattr(stepjit.optim, name)
+    config = {"SGD": dict(momentum=0.9, weight_decay=1e-2), "Adam": {}}[name]
+    sizes = (1000, 70_000, 3)
+    rng = np.random.default_rng(5)
+    data = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(15)]
+    stream = cp.new_stream()
+    params = [stepjit.Parameter(FakeArray(d.copy())) for d in data]
+    with stream:
+        static = [cp.zeros(n, np.float32) for n in sizes]
+        lr = cp.zeros((), np.float32)
+    for p, g in zip(params, static, strict=True):
+        p.grad = g
+    opt = cls(params, lr=1.0, capturable=True, **config)  # lr: the device value's factor
+    ref = [stepjit.Parameter(d.copy()) for d in data]
+    ref_opt = cls(ref, lr=0.0, backend="reference", **config)
+    graph = None
+    for k in range(15):
+        rate = np.float32(0.01 if k < 3 else SCHEDULE[k - 3])
+        with stream:
+            lr[...] = rate
+            for g, new in zip(static, grads[k], strict=True):
+                g[...] = new
+            if k < 3:
+                opt.step(lr_sources=[lr])
+            else:
+                if graph is None:
+                    with model.capture(stream) as graph:
+                        opt.step(lr_sources=[lr])
+                graph.replay()
+        for r, new in zip(ref, grads[k], strict=True):
+            r.grad = new
+        ref_opt.param_groups[0]["lr"] = float(rate)
+        ref_opt.step()
+    stream.synchronize()
+    tol = 0 if name == "SGD" else 1e-6  # Adam's bias corrections: exp and log on the device
+    for p, r in zip(params, ref, strict=True):
+        np.testing.assert_allclose(p.data.get(), r.data, rtol=tol, atol=tol)
+    if name == "Adam":
+        assert [float(opt.state[p]["step"].get()) for p in params] == [15.0] * 3
+    captured = [n for n in model.kernels if n.endswith("_capturable")]
+    assert captured and all(n.endswith("_capturable") for n in model.kernels if "sgd" in n
+                            or "adam" in n)
+
+
+def test_a_capturable_step_may_not_allocate_or_synchronize_once_built(fake):
+    # the stand-in fails any allocation, copy or query during capture: a first step (tables
+    # to build) cannot be captured, a later one can
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    stream = cp.new_stream()
+    with stream:
+        w = stepjit.Parameter(cp.zeros(100, np.float32))
+        w.grad = cp.zeros(100, np.float32)
+    opt = stepjit.optim.Adam([w], lr=1e-3, capturable=True)
+    with pytest.raises(AssertionError, match="during graph capture"), model.capture(stream):
+        opt.step()
+    with stream:
+        opt.step()
+    with model.capture(stream) as graph:
+        opt.step()
+    assert len(graph.launches) == 2  # the per-tensor values, then the update
+
+
+def test_gradient_addresses_written_into_the_host_table_are_uploaded(torch_streams):
+    # torch's new gradients every step: `runtime.repoint` writes their addresses into the cells
+    # `table_cells` gives; the next call uploads the address table, and only when it changed
+    model, cp, use_torch_stream = torch_streams
+    launch, tensors = _launch([1000, 3000])
+    launch.forget("grad")
+    scalars = SCALARS[: len(MOMENTUM.scalars)]
+    launch(scalars)
+    k = [s.name for s in MOMENTUM.slots].index("grad")
+    new = [TorchLike(np.full(n, 2.0, np.float32)) for n in (1000, 3000)]
+    cells = launch.table_cells("grad", np.arange(2), np.array([4000, 12000], np.uint64))
+    for cell, g in zip(cells, new, strict=True):
+        ctypes.c_uint64.from_address(int(cell)).value = g.data.ptr
+    moved = [tuple(g if i == k else a for i, a in enumerate(t)) for t, g in zip(tensors, new)]
+    expected = _reference(moved, tuple(np.float32(v) for v in scalars), first=False)
+    before = len(FakeArray.uploads)
+    launch.set_per_tensor("first", 0.0)
+    launch(scalars)
+    assert FakeArray.uploads[before:] == [MOMENTUM.slots.__len__() * 8 * 2, 2 * 8]
+    for t, want in zip(tensors, expected):
+        np.testing.assert_array_equal(t[0].get(), want["param"])
+    launch(scalars)  # nothing changed: nothing uploaded
+    assert len(FakeArray.uploads) == before + 2
+    with pytest.raises(ValueError, match="bytes where the kernel expects"):
+        launch.table_cells("grad", np.arange(2), np.array([4000, 4], np.uint64))

@@ -649,6 +649,8 @@ def release_memory() -> None:
     if "cupy" in sys.modules:
         import cupy
 
+        if not cupy.cuda.is_available():  # imported, but no device (a dry run)
+            return
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()
 

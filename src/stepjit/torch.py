@@ -90,6 +90,7 @@ class Optimizer(torch.optim.Optimizer):
         self.process_group = face["process_group"]
         self.bucket_cap_bytes = int(face["bucket_cap_mb"] * 2**20)
         self._requested_backend = face["backend"]
+        self._capturable = bool(values["capturable"])
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
         self._not_dense = self._find_not_dense()
@@ -115,7 +116,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def _new_engine(self) -> _optim.Optimizer:
         return self.engine.over(_with_numbers(self.param_groups), self.state,
-                                backend=self._requested_backend, step_count=torch.from_numpy)
+                                backend=self._requested_backend, step_count=torch.from_numpy,
+                                capturable=self.__dict__.get("_capturable", False))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # torch's checks and defaults
@@ -197,8 +199,13 @@ class Optimizer(torch.optim.Optimizer):
         grad_scale = self.__dict__.get("grad_scale")
         if self.process_group is not None:
             self.average_gradients()
-        self._engine.share(self._numeric_groups(), self.state)
-        self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale))
+        groups = self._numeric_groups()
+        self._engine.share(groups, self.state)
+        sources = ()
+        if groups is not self.param_groups and self.__dict__.get("_capturable"):
+            sources = [_live_lr(g) for g in self.param_groups]
+        self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale),
+                          lr_sources=sources)
 
     def _numeric_groups(self) -> list[dict]:
         """The groups as the kernels read them (`_with_numbers`), found with one comparison of
@@ -207,7 +214,7 @@ class Optimizer(torch.optim.Optimizer):
         if plain is not None and len(plain) == len(groups) and all(
                 g["params"] is p["params"] and g == p for g, p in zip(groups, plain)):
             return groups
-        found = _with_numbers(groups)
+        found = _with_numbers(groups, live_lr=self.__dict__.get("_capturable", False))
         snapshots = [_snapshot(g) for g in groups]
         self._plain = snapshots if found is groups and None not in snapshots else None
         return found
@@ -340,8 +347,19 @@ def _unpickled(engine: type, torch_class: type | None) -> Optimizer:
     return cls.__new__(cls)
 
 
-def _numbers(values: dict) -> dict:
-    """`values` with tensors (a tensor `lr`, tensor betas) replaced by Python floats."""
+def _live_lr(group: dict) -> torch.Tensor | None:
+    """A group's `lr` when it is a tensor on a CUDA device, which a capturable step reads on the
+    device at every launch (so a captured graph follows a schedule that writes it in place)."""
+    lr = group["lr"]
+    return lr if isinstance(lr, torch.Tensor) and lr.is_cuda else None
+
+
+def _numbers(values: dict, live_lr: bool = False) -> dict:
+    """`values` with tensors (a tensor `lr`, tensor betas) replaced by Python floats; with
+    `live_lr`, a CUDA `lr` (`_live_lr`) by 1.0, the factor the kernels multiply it by."""
+    if live_lr and _live_lr(values) is not None:
+        values = {**values, "lr": 1.0}
+
     def number(v):
         if isinstance(v, torch.Tensor):
             return v.item()
@@ -359,12 +377,12 @@ def _holds_tensor(group: dict) -> bool:
     return False
 
 
-def _with_numbers(groups: list[dict]) -> list[dict]:
+def _with_numbers(groups: list[dict], live_lr: bool = False) -> list[dict]:
     """The groups as the kernels read them: the same dicts, or copies (holding the same
-    parameter lists) where a hyperparameter is a tensor."""
+    parameter lists) where a hyperparameter is a tensor (see `_numbers`)."""
     if not any(map(_holds_tensor, groups)):
         return groups
-    return [_numbers(g) if _holds_tensor(g) else g for g in groups]
+    return [_numbers(g, live_lr) if _holds_tensor(g) else g for g in groups]
 
 
 SGD = optimizer_for(_optim.SGD, torch.optim.SGD)

@@ -41,6 +41,15 @@ __device__ __forceinline__ bool pack_aligned(const T* p) {
     return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * N) == 0;
 }
 
+// Whether the float32 sum of a run of terms may stand for its float64 sum (see partial_sums.cu):
+// finite, so no float32 product or sum overflowed, and at least 2^-100 in magnitude, so the at
+// most 2^-147 that products in float32's subnormal range can lose together is below 2^-47 of it.
+// NaN fails both comparisons.
+__device__ __forceinline__ bool float32_run_ok(float sum) {
+    const float magnitude = fabsf(sum);
+    return magnitude >= 0x1p-100f && magnitude <= 0x1.fffffep127f;
+}
+
 // maximum / minimum: NaN if either operand is NaN; on a tie (0.0 and -0.0) the second operand.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ double nan_max(double a, double b) { return (a > b || a != a) ? a : b; }
@@ -117,19 +126,44 @@ extern "C" __global__ void __launch_bounds__(512) sgd_float32_float32_update(
         param_out = v6;  // param <- %6
     };
 
+    // Each iteration, a thread takes VEC elements: i + k * spacing for k < VEC. When every slot
+    // of the tensor is aligned for wide accesses, the VEC consecutive elements from i (one
+    // 16-byte access per slot and thread, but at the end of the tensor); otherwise (a view at an
+    // offset into a larger buffer) elements BLOCK apart, so that consecutive threads touch
+    // consecutive elements and every scalar access of a warp is coalesced.
     const bool aligned = pack_aligned<VEC>(param_ptr) && pack_aligned<VEC>(grad_ptr);
-    for (long long i = begin + (long long)threadIdx.x * VEC; i < end; i += (long long)BLOCK * VEC) {
-        if (aligned && i + VEC <= end) {
-            Pack<float, VEC> param_v = load_pack<VEC>(param_ptr + i);
-            const Pack<float, VEC> grad_v = load_pack<VEC>(grad_ptr + i);
+    const long long spacing = aligned ? 1 : BLOCK;
+    for (long long i = begin + (long long)threadIdx.x * (aligned ? VEC : 1); i < end;
+         i += (long long)BLOCK * VEC) {
+        const bool wide = aligned && i + VEC <= end;
+        Pack<float, VEC> param_v;
+        Pack<float, VEC> grad_v;
+        if (wide) {
+            param_v = load_pack<VEC>(param_ptr + i);
+            grad_v = load_pack<VEC>(grad_ptr + i);
+        } else {
             #pragma unroll
             for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    param_v.v[k] = param_ptr[i + k * spacing];
+                    grad_v.v[k] = grad_ptr[i + k * spacing];
+                }
+            }
+        }
+        #pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (i + k * spacing < end) {
                 update(param_v.v[k], grad_v.v[k], param_v.v[k]);
             }
+        }
+        if (wide) {
             store_pack(param_ptr + i, param_v);
         } else {
-            for (int k = 0; k < VEC && i + k < end; ++k) {
-                update(param_ptr[i + k], grad_ptr[i + k], param_ptr[i + k]);
+            #pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    param_ptr[i + k * spacing] = param_v.v[k];
+                }
             }
         }
     }

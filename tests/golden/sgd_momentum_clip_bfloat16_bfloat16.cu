@@ -68,6 +68,15 @@ __device__ __forceinline__ bool pack_aligned(const T* p) {
     return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * N) == 0;
 }
 
+// Whether the float32 sum of a run of terms may stand for its float64 sum (see partial_sums.cu):
+// finite, so no float32 product or sum overflowed, and at least 2^-100 in magnitude, so the at
+// most 2^-147 that products in float32's subnormal range can lose together is below 2^-47 of it.
+// NaN fails both comparisons.
+__device__ __forceinline__ bool float32_run_ok(float sum) {
+    const float magnitude = fabsf(sum);
+    return magnitude >= 0x1p-100f && magnitude <= 0x1.fffffep127f;
+}
+
 // maximum / minimum: NaN if either operand is NaN; on a tie (0.0 and -0.0) the second operand.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ double nan_max(double a, double b) { return (a > b || a != a) ? a : b; }
@@ -106,9 +115,22 @@ __device__ __forceinline__ double block_sum(double value, double* scratch) {
 #endif  // STEPJIT_PRELUDE_CUH
 
 
-// sgd_momentum_clip_bfloat16_bfloat16: first launch of two. Block b sums the rule's reductions over chunk b (float64,
-// in an order fixed by the block size) and writes chunk_partials[b * 1 + r].
-// sgd_momentum_clip_bfloat16_bfloat16_update then adds up the partials of each tensor. No atomics: same bits on every run.
+// sgd_momentum_clip_bfloat16_bfloat16: first launch of three. Block b sums the rule's reductions over chunk b and writes
+// chunk_partials[b * 1 + r]; sgd_momentum_clip_bfloat16_bfloat16_tensor_sums then adds up the partials of each
+// tensor, and sgd_momentum_clip_bfloat16_bfloat16_update reads the totals.
+//
+// Each thread adds its elements one run at a time: a run is the (at most VEC) elements it takes
+// in one iteration of the element loop. A term that the rule computes in float64 from
+// float32-or-narrower values with at most one multiplication (x * x, of a gradient norm) is
+// computed in float32, where it differs by at most one rounding, and a run of such terms is
+// summed in float32; the run's sum is then added to the thread's float64 sum, unless
+// float32_run_ok refuses it (not finite, or so small that underflow may have cost accuracy):
+// then the run is added again in float64, as the rule says. A float32 run is within
+// (VEC + 1) * 2^-24 of the sum of its terms' magnitudes from its float64 sum. float64 arithmetic
+// runs at 1/2 (data-center GPUs) to 1/64 (consumer GPUs) of float32's rate: this way it runs once
+// per run, not per element. Other terms are float64 throughout. Across runs, threads and blocks
+// the sums are float64, in an order fixed by the block size: no atomics, the same bits on every
+// run.
 extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfloat16_partial_sums(
     const unsigned long long* __restrict__ tensor_ptrs,
     const long long* __restrict__ tensor_numel,
@@ -134,8 +156,17 @@ extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfl
     // (none)
 
     double sum_0 = 0.0;  // this thread's share of %11
+    float run_0;  // this run's share of sum_0, in float32
     // One element: the terms of the sums, in the rule's order (%N = ... as in the rule).
     auto accumulate = [&](const __nv_bfloat16 grad) {
+        const float v6 = __bfloat162float(grad);  // %6 = cast %5 : float32
+        const float v7 = scale * v6;  // %7 = mul %4, %6 : float32
+        run_0 += v7 * v7;  // %10 = mul %9, %9 : float64, in float32
+    };
+
+    // The float32 terms as the rule computes them, in float64: for a run whose float32
+    // sum float32_run_ok refuses.
+    auto accumulate_exact = [&](const __nv_bfloat16 grad) {
         const float v6 = __bfloat162float(grad);  // %6 = cast %5 : float32
         const float v7 = scale * v6;  // %7 = mul %4, %6 : float32
         const double v9 = (double)v7;  // %9 = cast %7 : float64
@@ -143,17 +174,39 @@ extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfl
         sum_0 += v10;
     };
 
+    // The elements of each iteration as in the update kernel: VEC consecutive ones from i when
+    // the tensor is aligned for wide accesses, else VEC ones BLOCK apart (coalesced).
     const bool aligned = pack_aligned<VEC>(grad_ptr);
-    for (long long i = begin + (long long)threadIdx.x * VEC; i < end; i += (long long)BLOCK * VEC) {
-        if (aligned && i + VEC <= end) {
-            const Pack<__nv_bfloat16, VEC> grad_v = load_pack<VEC>(grad_ptr + i);
+    const long long spacing = aligned ? 1 : BLOCK;
+    for (long long i = begin + (long long)threadIdx.x * (aligned ? VEC : 1); i < end;
+         i += (long long)BLOCK * VEC) {
+        const bool wide = aligned && i + VEC <= end;
+        Pack<__nv_bfloat16, VEC> grad_v;
+        if (wide) {
+            grad_v = load_pack<VEC>(grad_ptr + i);
+        } else {
             #pragma unroll
             for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    grad_v.v[k] = grad_ptr[i + k * spacing];
+                }
+            }
+        }
+        run_0 = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (i + k * spacing < end) {
                 accumulate(grad_v.v[k]);
             }
+        }
+        if (float32_run_ok(run_0)) {
+            sum_0 += (double)run_0;
         } else {
-            for (int k = 0; k < VEC && i + k < end; ++k) {
-                accumulate(grad_ptr[i + k]);
+            #pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    accumulate_exact(grad_v.v[k]);
+                }
             }
         }
     }
@@ -166,13 +219,53 @@ extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfl
 }
 
 
+// sgd_momentum_clip_bfloat16_bfloat16: second launch of three, over the same blocks and arguments. The block of each
+// tensor's first chunk adds that tensor's chunk partials (written by sgd_momentum_clip_bfloat16_bfloat16_partial_sums) in a
+// fixed order, in float64, and writes the totals over the partials of that first chunk:
+// chunk_partials[(first chunk) * 1 + r]. Every other block returns at once.
+// sgd_momentum_clip_bfloat16_bfloat16_update reads the totals there, one load per block: each tensor is summed once.
+extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfloat16_tensor_sums(
+    const unsigned long long* __restrict__ tensor_ptrs,
+    const long long* __restrict__ tensor_numel,
+    const int2* __restrict__ chunk_table,
+    const double* __restrict__ per_tensor_values,
+    double* __restrict__ chunk_partials,
+    const double clip_norm,
+    const float dampening,
+    const float lr,
+    const float momentum,
+    const float scale)
+{
+    constexpr int BLOCK = 512;
+    constexpr long long CHUNK = 65536;
+    const int2 chunk = chunk_table[blockIdx.x];
+    if (chunk.y != 0) {
+        return;
+    }
+    const long long first_chunk = blockIdx.x;
+    const int n_chunks = (int)((tensor_numel[chunk.x] + CHUNK - 1) / CHUNK);
+
+    double sum_0 = 0.0;  // this thread's share of the partials of %11
+    for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {
+        const double* partials = chunk_partials + (first_chunk + c) * 1;
+        sum_0 += partials[0];
+    }
+    // block_sum synchronizes the block: every partial has been read before one is overwritten.
+    __shared__ double scratch[BLOCK / 32 + 1];
+    sum_0 = block_sum<BLOCK>(sum_0, scratch);
+    if (threadIdx.x == 0) {
+        chunk_partials[first_chunk * 1 + 0] = sum_0;
+    }
+}
+
+
 // sgd_momentum_clip_bfloat16_bfloat16: the update. One block per chunk of 65536 elements of one tensor; the launch
 // covers every tensor of the group through tables in device memory:
 //   tensor_ptrs[t * 3 + s]   address of slot s (param, grad, momentum_buffer) of tensor t
 //   tensor_numel[t]                   its number of elements
 //   chunk_table[b]                    (tensor, index of the chunk within that tensor) of block b
 //   per_tensor_values[t * 1 + j]  the rule's per-tensor values, as double
-//   chunk_partials[b * 1 + r]  partial sums written by sgd_momentum_clip_bfloat16_bfloat16_partial_sums
+//   chunk_partials[b * 1 + r]  b a tensor's first chunk: the tensor's sums, by sgd_momentum_clip_bfloat16_bfloat16_tensor_sums
 extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfloat16_update(
     const unsigned long long* __restrict__ tensor_ptrs,
     const long long* __restrict__ tensor_numel,
@@ -197,16 +290,9 @@ extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfl
     const __nv_bfloat16* __restrict__ grad_ptr = reinterpret_cast<const __nv_bfloat16*>(tensor_ptrs[(long long)tensor * 3 + 1]);
     float* __restrict__ momentum_buffer_ptr = reinterpret_cast<float*>(tensor_ptrs[(long long)tensor * 3 + 2]);
     const bool first = (per_tensor_values[(long long)tensor * 1 + 0] != 0);
-    // The tensor's sums: every block of this tensor adds the same per-chunk partials
-    // in the same order, so every block (and every run) gets the same bits.
-    __shared__ double scratch[BLOCK / 32 + 1];
-    const int first_chunk = blockIdx.x - chunk.y;
-    const int n_chunks = (int)((numel + CHUNK - 1) / CHUNK);
-    double sum_0 = 0.0;  // %11 = sum, over the whole tensor
-    for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {
-        sum_0 += chunk_partials[(long long)(first_chunk + c) * 1 + 0];
-    }
-    sum_0 = block_sum<BLOCK>(sum_0, scratch);
+    // The tensor's sums: sgd_momentum_clip_bfloat16_bfloat16_tensor_sums wrote them over the partials of its first chunk.
+    const double* totals = chunk_partials + (long long)(blockIdx.x - chunk.y) * 1;
+    const double sum_0 = totals[0];  // %11 = sum, over the whole tensor
     // Values uniform over the tensor, computed once per block.
     const double v12 = sqrt(sum_0);  // %12 = sqrt %11 : float64
     const bool v13 = clip_norm < v12;  // %13 = cmplt %8, %12 : bool
@@ -232,21 +318,49 @@ extern "C" __global__ void __launch_bounds__(512) sgd_momentum_clip_bfloat16_bfl
         momentum_buffer_out = v27;  // momentum_buffer <- %27
     };
 
+    // Each iteration, a thread takes VEC elements: i + k * spacing for k < VEC. When every slot
+    // of the tensor is aligned for wide accesses, the VEC consecutive elements from i (one
+    // 16-byte access per slot and thread, but at the end of the tensor); otherwise (a view at an
+    // offset into a larger buffer) elements BLOCK apart, so that consecutive threads touch
+    // consecutive elements and every scalar access of a warp is coalesced.
     const bool aligned = pack_aligned<VEC>(param_ptr) && pack_aligned<VEC>(grad_ptr) && pack_aligned<VEC>(momentum_buffer_ptr);
-    for (long long i = begin + (long long)threadIdx.x * VEC; i < end; i += (long long)BLOCK * VEC) {
-        if (aligned && i + VEC <= end) {
-            Pack<__nv_bfloat16, VEC> param_v = load_pack<VEC>(param_ptr + i);
-            const Pack<__nv_bfloat16, VEC> grad_v = load_pack<VEC>(grad_ptr + i);
-            Pack<float, VEC> momentum_buffer_v = load_pack<VEC>(momentum_buffer_ptr + i);
+    const long long spacing = aligned ? 1 : BLOCK;
+    for (long long i = begin + (long long)threadIdx.x * (aligned ? VEC : 1); i < end;
+         i += (long long)BLOCK * VEC) {
+        const bool wide = aligned && i + VEC <= end;
+        Pack<__nv_bfloat16, VEC> param_v;
+        Pack<__nv_bfloat16, VEC> grad_v;
+        Pack<float, VEC> momentum_buffer_v;
+        if (wide) {
+            param_v = load_pack<VEC>(param_ptr + i);
+            grad_v = load_pack<VEC>(grad_ptr + i);
+            momentum_buffer_v = load_pack<VEC>(momentum_buffer_ptr + i);
+        } else {
             #pragma unroll
             for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    param_v.v[k] = param_ptr[i + k * spacing];
+                    grad_v.v[k] = grad_ptr[i + k * spacing];
+                    momentum_buffer_v.v[k] = momentum_buffer_ptr[i + k * spacing];
+                }
+            }
+        }
+        #pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (i + k * spacing < end) {
                 update(param_v.v[k], grad_v.v[k], momentum_buffer_v.v[k], param_v.v[k], momentum_buffer_v.v[k]);
             }
+        }
+        if (wide) {
             store_pack(param_ptr + i, param_v);
             store_pack(momentum_buffer_ptr + i, momentum_buffer_v);
         } else {
-            for (int k = 0; k < VEC && i + k < end; ++k) {
-                update(param_ptr[i + k], grad_ptr[i + k], momentum_buffer_ptr[i + k], param_ptr[i + k], momentum_buffer_ptr[i + k]);
+            #pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                if (i + k * spacing < end) {
+                    param_ptr[i + k * spacing] = param_v.v[k];
+                    momentum_buffer_ptr[i + k * spacing] = momentum_buffer_v.v[k];
+                }
             }
         }
     }

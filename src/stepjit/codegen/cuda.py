@@ -1,6 +1,6 @@
 """Lowering of an update rule to CUDA C: a table {op: C expression} and kernel skeletons.
 
-    source = render(rule, templates)   # the complete .cu text: prelude, partial sums, update
+    source = render(rule, templates)   # the complete .cu text: prelude and every kernel
     info = describe(rule)              # kernel names, launch geometry, parameter list
 
 Pure functions without I/O: the kernel skeletons of `codegen_templates/` are given as text
@@ -23,22 +23,30 @@ tensors of a group in one launch; the tables live in device memory):
     per_tensor_values  float64 [tensors, max(1, P)]  the rule's per-tensor values
     chunk_partials     float64 [chunks, max(1, R)]   partial sums of the R reductions
 
-followed by the rule's scalars in `rule.scalars` order, each in its own dtype. A rule with
-reductions has two kernels, launched in this order over the same arguments: `partial_sums`
-(one partial per chunk) and `update` (every block of a tensor adds that tensor's partials in
-the same fixed order, so the result is deterministic and needs no atomics).
+followed by the rule's scalars in `rule.scalars` order, each in its own dtype. `info.kernels`
+are launched in that order over the same grid, block and arguments: for a rule with reductions
+`partial_sums` (one partial per chunk), `tensor_sums` (each tensor's total, written over the
+partials of its first chunk) and `update` (one load of the total per block); else `update`
+alone. Sums are added in an order fixed by the block size: deterministic, no atomics.
+
+The capturable variant (`capturable=` the optimizer's `tensor_formulas()`) is for steps captured
+in a CUDA graph: its kernels (names ending in `_capturable`) take `const float* lr_source` after
+`chunk_partials`; when it is not null, the value the rule uses as `lr` is the `lr` argument
+times `*lr_source` (a learning rate that lives on the device). Its `prepare` kernel, launched
+first with its own geometry, increments the tensors' step counts and computes the per-tensor
+values from the formulas on the device.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import OPS, DType, Expr, Op, UpdateRule
+from ..ir import OPS, DType, Expr, Op, Slot, UpdateRule, apply
 from ..ir.ops import LEAVES
 from . import check_supported
 
@@ -47,6 +55,19 @@ BLOCK = 512
 
 CHUNK = 65536
 """Elements per chunk: one block updates one chunk of one tensor."""
+
+PREPARE_BLOCK = 256
+"""Threads per block of a capturable rule's prepare kernel (one thread per tensor)."""
+
+LR = "lr"
+"""The scalar a capturable kernel may scale by the learning rate at `lr_source`."""
+
+FIRST = "first"
+"""The per-tensor flag of a buffer's first step: a capturable step derives it from the count."""
+
+STEP = "step"
+"""The per-tensor value the formulas of a capturable step read: the tensor's step count, this
+step included."""
 
 CTYPES: dict[DType, str] = {
     DType.F32: "float",
@@ -57,7 +78,7 @@ CTYPES: dict[DType, str] = {
 }
 """The C type of each IR dtype."""
 
-TEMPLATE_NAMES = ("prelude.cuh", "partial_sums.cu", "update.cu")
+TEMPLATE_NAMES = ("prelude.cuh", "partial_sums.cu", "tensor_sums.cu", "update.cu", "prepare.cu")
 
 Emitter = Callable[[Expr, Sequence[str]], str]
 
@@ -212,27 +233,47 @@ _RESERVED = _C_MATH | frozenset(
     public register return short signed sizeof static static_assert struct switch template this
     thread_local throw true try typedef typename union unsigned using virtual void volatile while
     xor threadIdx blockIdx blockDim gridDim warpSize min max
-    BLOCK CHUNK VEC Pack load_pack store_pack pack_aligned nan_max nan_min block_sum
+    BLOCK CHUNK VEC Pack load_pack store_pack pack_aligned nan_max nan_min block_sum float32_run_ok
     tensor_ptrs tensor_numel chunk_table per_tensor_values chunk_partials chunk tensor numel
-    begin end i k aligned update accumulate scratch first_chunk n_chunks c""".split()
+    begin end i k aligned spacing wide update accumulate accumulate_exact scratch first_chunk
+    n_chunks c partials totals lr_source lr_arg steps n_tensors step_count""".split()
 )
 
 
 def c_name(name: str) -> str:
     """The C identifier of an IR name (slot, scalar or per-tensor value)."""
-    if name in _RESERVED or re.fullmatch(r"(v|sum_)\d+", name) or name.startswith("__"):
+    if name in _RESERVED or re.fullmatch(r"(v|sum_|run_)\d+", name) or name.startswith("__"):
         return f"{name}_arg"
     return name
+
+
+def _argument_name(name: str, capturable: bool) -> str:
+    """The C parameter of the scalar `name`: a capturable kernel takes lr as `lr_arg` and derives
+    the `lr` its code uses from it and `lr_source`."""
+    return "lr_arg" if capturable and name == LR else c_name(name)
+
+
+def _declaration(ctype: str, name: str) -> str:
+    """A kernel parameter: pointers restricted, values const."""
+    return f"{ctype} __restrict__ {name}" if ctype.endswith("*") else f"const {ctype} {name}"
 
 
 # -- kernel description ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelInfo:
-    """What a launcher needs to know about the kernels `render(rule)` produces."""
+    """What a launcher needs to know about the kernels `render(rule)` produces.
+
+    `kernels` are launched in that order, each over one block per chunk of `block` threads, with
+    the arguments `params` (as the update kernel declares them: the others write chunk_partials).
+    A capturable variant's `prepare` kernel runs before them, over
+    ceil(n_tensors / prepare_block) blocks of `prepare_block` threads, with `prepare_params`.
+    """
 
     rule_name: str
     update: str  # name of the update kernel
     partial_sums: str | None  # name of the partial-sum kernel, when the rule has reductions
+    tensor_sums: str | None  # name of the per-tensor total kernel, when the rule has reductions
+    kernels: tuple[str, ...]  # the kernels of a step, in launch order
     block: int  # threads per block
     chunk: int  # elements per chunk (one block per chunk)
     vec: int  # elements per thread per wide access
@@ -240,28 +281,67 @@ class KernelInfo:
     scalars: tuple[tuple[str, DType], ...]  # trailing kernel arguments, in order
     n_per_tensor: int  # columns of per_tensor_values (at least 1)
     n_reductions: int  # columns of chunk_partials (at least 1)
-    params: tuple[tuple[str, str], ...]  # (C type, name) of the update kernel's parameters
+    params: tuple[tuple[str, str], ...]  # (C type, name) of the parameters of `kernels`
+    capturable: bool  # the variant for CUDA graphs: lr_source, names ending in _capturable
+    prepare: str | None  # capturable with per-tensor values: the kernel that computes them
+    prepare_inputs: tuple[str, ...]  # the scalars the formulas read: prepare's double arguments
+    prepare_block: int  # threads per block of `prepare`
+    prepare_params: tuple[tuple[str, str], ...]  # (C type, name) of prepare's parameters
 
 
-def describe(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> KernelInfo:
-    """Names, geometry and parameters of the kernels of `rule`."""
+_TABLE_PARAMS = (
+    ("const unsigned long long*", "tensor_ptrs"),
+    ("const long long*", "tensor_numel"),
+    ("const int2*", "chunk_table"),
+    ("const double*", "per_tensor_values"),
+    ("const double*", "chunk_partials"),
+)
+"""The leading parameters of every kernel of `KernelInfo.kernels`: the launch tables."""
+
+_PREPARE_PARAMS = (
+    ("float*", "steps"),
+    ("double*", "per_tensor_values"),
+    ("const float*", "lr_source"),
+    ("int", "n_tensors"),
+)
+"""The leading parameters of a prepare kernel, before the formulas' scalars."""
+
+
+def describe(
+    rule: UpdateRule,
+    *,
+    block: int = BLOCK,
+    chunk: int = CHUNK,
+    capturable: Mapping[str, Expr] | None = None,
+) -> KernelInfo:
+    """Names, geometry and parameters of the kernels of `rule`, or of its capturable variant
+    when `capturable` holds the optimizer's per-tensor formulas (see `render`)."""
     if block % 32 or not 32 <= block <= 1024:
         raise ValueError(f"block must be a multiple of 32 in [32, 1024], got {block}")
     widest = max((s.dtype.itemsize for s in rule.slots), default=4)
     vec = max(1, 16 // widest)
     if chunk <= 0 or chunk % vec:
         raise ValueError(f"chunk must be a positive multiple of {vec}, got {chunk}")
-    params = (
-        ("const unsigned long long*", "tensor_ptrs"),
-        ("const long long*", "tensor_numel"),
-        ("const int2*", "chunk_table"),
-        ("const double*", "per_tensor_values"),
-        ("const double*", "chunk_partials"),
-    ) + tuple((CTYPES[d], c_name(n)) for n, d in rule.scalars)
+    variant = capturable is not None
+    inputs = _prepare_inputs(rule, capturable) if variant else ()
+
+    def name(kernel: str) -> str:
+        return f"{rule.name}_{kernel}{'_capturable' if variant else ''}"
+
+    update = name("update")
+    sums = (name("partial_sums"), name("tensor_sums")) if rule.reductions else (None, None)
+    lr_source = (("const float*", "lr_source"),) if variant else ()
+    params = _TABLE_PARAMS + lr_source + tuple(
+        (CTYPES[d], _argument_name(n, variant)) for n, d in rule.scalars
+    )
+    prepare = name("prepare") if variant and rule.per_tensor else None
+    prepare_params = _PREPARE_PARAMS + tuple(("double", _argument_name(n, True)) for n in inputs)
     return KernelInfo(
         rule_name=rule.name,
-        update=f"{rule.name}_update",
-        partial_sums=f"{rule.name}_partial_sums" if rule.reductions else None,
+        update=update,
+        partial_sums=sums[0],
+        tensor_sums=sums[1],
+        kernels=(*sums, update) if rule.reductions else (update,),
         block=block,
         chunk=chunk,
         vec=vec,
@@ -270,7 +350,37 @@ def describe(rule: UpdateRule, *, block: int = BLOCK, chunk: int = CHUNK) -> Ker
         n_per_tensor=max(1, len(rule.per_tensor)),
         n_reductions=max(1, len(rule.reductions)),
         params=params,
+        capturable=variant,
+        prepare=prepare,
+        prepare_inputs=inputs,
+        prepare_block=PREPARE_BLOCK,
+        prepare_params=prepare_params if prepare else (),
     )
+
+
+def _prepare_inputs(rule: UpdateRule, formulas: Mapping[str, Expr]) -> tuple[str, ...]:
+    """The scalars `formulas` read, sorted by name. ValueError unless the formulas are for
+    per-tensor values of `rule` and cover all of them but `first` (derived from the step count),
+    and read float64 scalars and `per_tensor("step", F64)` only."""
+    names = rule.per_tensor_names
+    unknown = sorted(set(formulas) - set(names))
+    if unknown:
+        raise ValueError(f"rule {rule.name} has no per-tensor value {', '.join(unknown)}: "
+                         "a formula was given for it")
+    missing = [n for n in names if n not in formulas and n != FIRST]
+    if missing:
+        raise ValueError(f"rule {rule.name}: no formula for the per-tensor value "
+                         f"{', '.join(missing)}, which a capturable step computes on the device")
+    inputs = set()
+    for node in _reachable(list(formulas.values()), through_sums=True):
+        if node.op is Op.SCALAR and node.dtype is DType.F64:
+            inputs.add(str(node.arg))
+        elif node.op in (Op.TENSOR, Op.SCALAR, Op.PER_TENSOR, Op.SUM) and not (
+            node.op is Op.PER_TENSOR and node.arg == STEP and node.dtype is DType.F64
+        ):
+            raise ValueError(f"rule {rule.name}: a per-tensor formula reads float64 scalars and "
+                             f"per_tensor({STEP!r}, float64) only, not {node!r}")
+    return tuple(sorted(inputs))
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -280,13 +390,14 @@ class Templates:
 
     prelude: str
     partial_sums: str
+    tensor_sums: str
     update: str
+    prepare: str
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> Templates:
         """From the texts of `TEMPLATE_NAMES`, in that order."""
         return cls(*texts)
-
 
 
 # -- lowering --------------------------------------------------------------------------------------
@@ -317,7 +428,8 @@ class _Lowering:
             if node in needed:
                 self._emit(node)
 
-    def _describe(self, node: Expr) -> str:
+    def describe(self, node: Expr) -> str:
+        """`node` as the rule's text writes it: `%N = op %A, %B : dtype`."""
         operands = ", ".join(f"%{self.index[s]}" for s in node.src)
         return f"%{self.index[node]} = {node.op.value} {operands} : {node.dtype}"
 
@@ -332,8 +444,49 @@ class _Lowering:
         expr = CUDA_OPS[node.op](node, [self.names[s] for s in node.src])
         name = f"v{self.index[node]}"
         self.names[node] = name
-        line = f"const {CTYPES[node.dtype]} {name} = {expr};  // {self._describe(node)}"
+        line = f"const {CTYPES[node.dtype]} {name} = {expr};  // {self.describe(node)}"
         (self.elementwise if node.elementwise else self.uniform).append(line)
+
+
+def _expression(node: Expr, names: Mapping[Expr, str]) -> str:
+    """A C expression for `node`: its name where it has one, else its op on its operands'."""
+    if node in names:
+        return names[node]
+    return CUDA_OPS[node.op](node, [_expression(s, names) for s in node.src])
+
+
+_FLOAT32_EXACT = frozenset({DType.F32, DType.F16, DType.BF16})
+"""The dtypes whose every value is a float32 value."""
+
+
+def _float32_factor(node: Expr) -> Expr | None:
+    """The float64 `node` as a float32 expression of the same value, when it is a cast of a
+    float32-or-narrower value, possibly negated or made absolute (exact in either width)."""
+    if node.op is Op.CAST and node.src[0].dtype in _FLOAT32_EXACT:
+        return node.src[0].cast(DType.F32)
+    if node.op in (Op.NEG, Op.ABS):
+        inner = _float32_factor(node.src[0])
+        return None if inner is None else apply(node.op, inner)
+    return None
+
+
+def _in_float32(term: Expr) -> Expr | None:
+    """The float64 term of a sum computed in float32, where that costs at most one rounding.
+
+    Such a term is one float32-or-narrower value cast to float64, or the product of two (each
+    possibly negated or made absolute): the value is exact in float32, and the product of two
+    24-bit significands is exact in float64 and rounded once in float32 (relative error at most
+    2^-24) unless it leaves float32's range, which `float32_run_ok` catches per run (the
+    partial-sum template). Any other term keeps the rule's float64: a float64 operand (a float64
+    parameter or scalar), a division, a longer product.
+    """
+    if term.op is Op.MUL:
+        a, b = (_float32_factor(s) for s in term.src)
+        return None if a is None or b is None else apply(Op.MUL, a, b)
+    if term.op in (Op.NEG, Op.ABS):
+        inner = _in_float32(term.src[0])
+        return None if inner is None else apply(term.op, inner)
+    return _float32_factor(term)
 
 
 def _slot_reads(needed: set[Expr]) -> set[str]:
@@ -345,11 +498,31 @@ def _indent(lines: Sequence[str], depth: int) -> str:
     return "\n".join(pad + line if line else "" for line in lines)
 
 
+def _optional(lines: Sequence[str], depth: int) -> str:
+    """A template field on lines of its own that may be empty: no blank line when it is."""
+    return _indent(lines, depth) + "\n" if lines else ""
+
+
+def _each_element(body: Sequence[str]) -> list[str]:
+    """`body` for each of this thread's elements of the iteration: i + k * spacing, k < VEC,
+    those before the end."""
+    return ["#pragma unroll", "for (int k = 0; k < VEC; ++k) {",
+            "    if (i + k * spacing < end) {", *(f"        {line}" for line in body), "    }", "}"]
+
+
+def _pack_access(wide: Sequence[str], single: Sequence[str]) -> list[str]:
+    """Moving the packs of an iteration: one wide access per slot for a whole aligned pack,
+    else element by element."""
+    return ["if (wide) {", *(f"    {line}" for line in wide), "} else {",
+            *(f"    {line}" for line in _each_element(single)), "}"]
+
+
 def _kernel_parts(
     rule: UpdateRule, info: KernelInfo, needed: set[Expr], written: Sequence[str], callee: str
-) -> tuple[dict[str, str], _Lowering]:
-    """The template fields shared by both kernels: pointers, values, element lambda, loops."""
-    low = _Lowering(rule, needed)
+) -> dict[str, str]:
+    """The template fields both element kernels fill alike: the parameters, pointers and
+    per-tensor values, the element lambda's parameters and its call on element k of the packs,
+    the packs' loads and stores."""
     reads = _slot_reads(needed)
     slots = [s for s in rule.slots if s.name in reads or s.name in written]
     pointers = []
@@ -368,75 +541,82 @@ def _kernel_parts(
             per_tensor.append(
                 f"const {CTYPES[dtype]} {c_name(name)} = {cast(value, DType.F64, dtype)};"
             )
-    params, args_pack, args_elem = [], [], []
+    params, args = [], []
     for s in slots:
         if s.name in reads:
             params.append(f"const {CTYPES[s.dtype]} {c_name(s.name)}")
-            args_pack.append(f"{c_name(s.name)}_v.v[k]")
-            args_elem.append(f"{c_name(s.name)}_ptr[i + k]")
+            args.append(f"{c_name(s.name)}_v.v[k]")
     for s in slots:
         if s.name in written:
             params.append(f"{CTYPES[s.dtype]}& {c_name(s.name)}_out")
-            args_pack.append(f"{c_name(s.name)}_v.v[k]")
-            args_elem.append(f"{c_name(s.name)}_ptr[i + k]")
-    pack_body = []
-    for s in slots:
-        const = "" if s.name in written else "const "
-        decl = f"{const}Pack<{CTYPES[s.dtype]}, VEC> {c_name(s.name)}_v"
-        if s.name in reads:
-            pack_body.append(f"{decl} = load_pack<VEC>({c_name(s.name)}_ptr + i);")
-        else:
-            pack_body.append(f"{decl};")
-    pack_body += ["#pragma unroll", "for (int k = 0; k < VEC; ++k) {",
-                  f"    {callee}({', '.join(args_pack)});", "}"]
-    pack_body += [f"store_pack({c_name(s)}_ptr + i, {c_name(s)}_v);" for s in written]
+            args.append(f"{c_name(s.name)}_v.v[k]")
+    loads = [f"Pack<{CTYPES[s.dtype]}, VEC> {c_name(s.name)}_v;" for s in slots]
+    loaded = [c_name(s.name) for s in slots if s.name in reads]
+    if loaded:
+        loads += _pack_access([f"{x}_v = load_pack<VEC>({x}_ptr + i);" for x in loaded],
+                              [f"{x}_v.v[k] = {x}_ptr[i + k * spacing];" for x in loaded])
+    stored = [c_name(s) for s in written]
+    stores = _pack_access([f"store_pack({x}_ptr + i, {x}_v);" for x in stored],
+                          [f"{x}_ptr[i + k * spacing] = {x}_v.v[k];" for x in stored])
     aligned = " && ".join(f"pack_aligned<VEC>({c_name(s.name)}_ptr)" for s in slots) or "true"
-    parts = {
+    return {
         "rule_name": rule.name,
         "block": str(info.block),
         "chunk": str(info.chunk),
         "vec": str(info.vec),
         "scalar_params": "".join(
-            f",\n    const {CTYPES[d]} {c_name(n)}" for n, d in rule.scalars
+            f",\n    {_declaration(t, n)}" for t, n in info.params[len(_TABLE_PARAMS):]
+        ),
+        "lr_source_doc": (
+            "//   lr_source                         the learning rate on the device, or null: "
+            f"{LR} is lr_arg * *lr_source, or lr_arg\n" if info.capturable else ""
         ),
         "slot_pointers": _indent(pointers + per_tensor, 1),
-        "uniform_values": _indent(low.uniform, 1) or "    // (none)",
         "element_params": ", ".join(params),
-        "pack_body": _indent(pack_body, 3),
-        "element_call": _indent([f"{callee}({', '.join(args_elem)});"], 4),
+        "element_args": ", ".join(args),
+        "element_call": _indent([f"{callee}({', '.join(args)});"], 4),
+        "load_packs": _indent(loads, 2),
+        "store_packs": _indent(stores, 2) if stored else "",
         "aligned": aligned,
     }
-    return parts, low
+
+
+def _live_lr(info: KernelInfo, needed: set[Expr]) -> list[str]:
+    """In a capturable kernel that uses the scalar lr: its definition from lr_arg and
+    lr_source, computed in float64 and rounded once to lr's dtype."""
+    lr = next((n for n in needed if n.op is Op.SCALAR and n.arg == LR), None)
+    if not info.capturable or lr is None:
+        return []
+    live = cast(f"({cast('lr_arg', lr.dtype, DType.F64)} * (double)*lr_source)", DType.F64,
+                lr.dtype)
+    return [f"const {CTYPES[lr.dtype]} {c_name(LR)} = lr_source != nullptr ? {live} : lr_arg;"]
+
+
+def _uniform_values(info: KernelInfo, low: _Lowering, needed: set[Expr]) -> str:
+    return _indent(_live_lr(info, needed) + low.uniform, 1) or "    // (none)"
 
 
 def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
     roots = [e for _, e in rule.outputs]
     needed = _reachable(roots, through_sums=False)
     written = [name for name, _ in rule.outputs]
-    parts, low = _kernel_parts(rule, info, needed, written, "update")
+    low = _Lowering(rule, needed)
+    parts = _kernel_parts(rule, info, needed, written, "update")
     body = list(low.elementwise)
     body += [f"{c_name(slot)}_out = {low.names[e]};  // {slot} <- %{low.index[e]}"
              for slot, e in rule.outputs]
     sums = []
     if rule.reductions:
         sums = [
-            "// The tensor's sums: every block of this tensor adds the same per-chunk partials",
-            "// in the same order, so every block (and every run) gets the same bits.",
-            "__shared__ double scratch[BLOCK / 32 + 1];",
-            "const int first_chunk = blockIdx.x - chunk.y;",
-            "const int n_chunks = (int)((numel + CHUNK - 1) / CHUNK);",
+            f"// The tensor's sums: {info.tensor_sums} wrote them over the partials of its first "
+            "chunk.",
+            "const double* totals = chunk_partials + "
+            f"(long long)(blockIdx.x - chunk.y) * {info.n_reductions};",
         ]
-        for k, total in enumerate(rule.reductions):
-            sums += [
-                f"double sum_{k} = 0.0;  // %{low.index[total]} = sum, over the whole tensor",
-                "for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {",
-                f"    sum_{k} += chunk_partials[(long long)(first_chunk + c) * "
-                f"{info.n_reductions} + {k}];",
-                "}",
-                f"sum_{k} = block_sum<BLOCK>(sum_{k}, scratch);",
-            ]
-        doc = (f"//   chunk_partials[b * {info.n_reductions} + r]  partial sums written by "
-               f"{info.partial_sums}\n")
+        sums += [f"const double sum_{k} = totals[{k}];  // %{low.index[total]} = sum, over the "
+                 "whole tensor" for k, total in enumerate(rule.reductions)]
+        doc = (f"//   chunk_partials[b * {info.n_reductions} + r]  b a tensor's first chunk: the "
+               f"tensor's sums, by {info.tensor_sums}\n")
     else:
         doc = "//   chunk_partials                    unused (this rule has no reductions)\n"
     return string.Template(templates.update).substitute(
@@ -447,20 +627,51 @@ def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> 
         n_per_tensor_stride=info.n_per_tensor,
         partials_doc=doc,
         tensor_sums=_indent(sums, 1),
+        uniform_values=_uniform_values(info, low, needed),
         element_body=_indent(body, 2),
     )
 
 
 def _render_partial_sums(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
     terms = [total.src[0] for total in rule.reductions]
-    needed = _reachable(terms, through_sums=True)
-    parts, low = _kernel_parts(rule, info, needed, [], "accumulate")
-    body = list(low.elementwise)
-    body += [f"sum_{k} += {low.names[t]};" for k, t in enumerate(terms)]
-    accumulators = [
-        f"double sum_{k} = 0.0;  // this thread's share of %{low.index[total]}"
-        for k, total in enumerate(rule.reductions)
-    ]
+    in_float32 = [_in_float32(t) for t in terms]
+    demoted = [k for k, term32 in enumerate(in_float32) if term32 is not None]
+    fast_needed = _reachable([t if t32 is None else t32
+                              for t32, t in zip(in_float32, terms, strict=True)], through_sums=True)
+    exact_needed = _reachable([terms[k] for k in demoted], through_sums=True)
+    needed = fast_needed | exact_needed
+    fast, exact, low = (_Lowering(rule, n) for n in (fast_needed, exact_needed, needed))
+    parts = _kernel_parts(rule, info, needed, [], "accumulate")
+    accumulators, body = [], list(fast.elementwise)
+    for k, (total, term, term32) in enumerate(zip(rule.reductions, terms, in_float32,
+                                                  strict=True)):
+        accumulators.append(f"double sum_{k} = 0.0;  // this thread's share of "
+                            f"%{low.index[total]}")
+        if term32 is None:
+            body.append(f"sum_{k} += {fast.names[term]};")
+        else:
+            accumulators.append(f"float run_{k};  // this run's share of sum_{k}, in float32")
+            body.append(f"run_{k} += {_expression(term32, fast.names)};  "
+                        f"// {fast.describe(term)}, in float32")
+    exact_terms, run_end = "", []
+    if demoted:
+        exact_body = exact.elementwise + [f"sum_{k} += {exact.names[terms[k]]};" for k in demoted]
+        exact_terms = _optional([
+            "",
+            "// The float32 terms as the rule computes them, in float64: for a run whose float32",
+            "// sum float32_run_ok refuses.",
+            f"auto accumulate_exact = [&]({parts['element_params']}) {{",
+            *(f"    {line}" for line in exact_body),
+            "};",
+        ], 1)
+        run_end = [
+            f"if ({' && '.join(f'float32_run_ok(run_{k})' for k in demoted)}) {{",
+            *(f"    sum_{k} += (double)run_{k};" for k in demoted),
+            "} else {",
+            *(f"    {line}" for line in _each_element([
+                f"accumulate_exact({parts['element_args']});"])),
+            "}",
+        ]
     block_sums = [f"sum_{k} = block_sum<BLOCK>(sum_{k}, scratch);"
                   for k in range(len(rule.reductions))]
     block_sums += ["if (threadIdx.x == 0) {"]
@@ -470,11 +681,93 @@ def _render_partial_sums(rule: UpdateRule, info: KernelInfo, templates: Template
     return string.Template(templates.partial_sums).substitute(
         parts,
         kernel_name=info.partial_sums,
+        tensor_sums_kernel=info.tensor_sums,
         update_kernel=info.update,
         n_reductions=info.n_reductions,
+        uniform_values=_uniform_values(info, low, needed),
         accumulators=_indent(accumulators, 1),
         element_body=_indent(body, 2),
+        exact_terms=exact_terms,
+        run_start=_optional([f"run_{k} = 0.0f;" for k in demoted], 2),
+        run_end=_optional(run_end, 2),
         block_sums=_indent(block_sums, 1),
+    )
+
+
+def _render_tensor_sums(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
+    count = range(len(rule.reductions))
+    chunk_sums = [f"double sum_{k} = 0.0;  // this thread's share of the partials of "
+                  f"%{rule.nodes.index(total)}" for k, total in enumerate(rule.reductions)]
+    chunk_sums += [
+        "for (int c = threadIdx.x; c < n_chunks; c += BLOCK) {",
+        "    const double* partials = chunk_partials + "
+        f"(first_chunk + c) * {info.n_reductions};",
+        *(f"    sum_{k} += partials[{k}];" for k in count),
+        "}",
+    ]
+    totals = [f"sum_{k} = block_sum<BLOCK>(sum_{k}, scratch);" for k in count]
+    totals += ["if (threadIdx.x == 0) {"]
+    totals += [f"    chunk_partials[first_chunk * {info.n_reductions} + {k}] = sum_{k};"
+               for k in count]
+    totals += ["}"]
+    return string.Template(templates.tensor_sums).substitute(
+        rule_name=rule.name,
+        kernel_name=info.tensor_sums,
+        partial_sums_kernel=info.partial_sums,
+        update_kernel=info.update,
+        n_reductions=info.n_reductions,
+        block=info.block,
+        chunk=info.chunk,
+        scalar_params="".join(
+            f",\n    {_declaration(t, n)}" for t, n in info.params[len(_TABLE_PARAMS):]
+        ),
+        chunk_sums=_indent(chunk_sums, 1),
+        totals=_indent(totals, 1),
+    )
+
+
+def _render_prepare(
+    rule: UpdateRule, info: KernelInfo, formulas: Mapping[str, Expr], templates: Templates
+) -> str:
+    text, statements, names, index = ["//   (none)"], [], {}, {}
+    if formulas:
+        # the formulas as a rule of their own: numbered nodes, lowered by the same op table
+        as_rule = UpdateRule(f"{rule.name}_formulas",
+                             [Slot(n, e.dtype, written=True) for n, e in sorted(formulas.items())],
+                             formulas)
+        check_supported(as_rule, CUDA_OPS, "cuda")
+        low = _Lowering(as_rule, set(as_rule.nodes))
+        names, index = low.names, low.index
+        text = [f"// {line}" for line in as_rule.text.splitlines()[1:]]
+        if any(n.op is Op.PER_TENSOR for n in as_rule.nodes):
+            statements.append(f"const double {c_name(STEP)} = (double)step_count;")
+        if LR in info.prepare_inputs:
+            statements.append(f"const double {c_name(LR)} = lr_source != nullptr ? "
+                              "lr_arg * (double)*lr_source : lr_arg;")
+        statements += low.uniform
+    writes = []
+    for j, name in enumerate(rule.per_tensor_names):
+        target = f"per_tensor_values[(long long)tensor * {info.n_per_tensor} + {j}]"
+        if name in formulas:
+            e = formulas[name]
+            writes.append(f"{target} = {cast(names[e], e.dtype, DType.F64)};  "
+                          f"// {name} <- %{index[e]}")
+        else:  # FIRST (describe refused any other name without a formula)
+            writes.append(f"{target} = step_count == 1.0f ? 1.0 : 0.0;  // {name}: the "
+                          "tensor's first step")
+    return string.Template(templates.prepare).substitute(
+        rule_name=rule.name,
+        kernel_name=info.prepare,
+        first_kernel=info.kernels[0],
+        prepare_block=info.prepare_block,
+        n_per_tensor_stride=info.n_per_tensor,
+        per_tensor_list=", ".join(rule.per_tensor_names),
+        formulas_text="\n".join(text),
+        input_params="".join(
+            f",\n    {_declaration(t, n)}" for t, n in info.prepare_params[len(_PREPARE_PARAMS):]
+        ),
+        formulas=_indent(statements, 1),
+        writes=_indent(writes, 1),
     )
 
 
@@ -483,17 +776,31 @@ def _dtypes_used(rule: UpdateRule) -> set[DType]:
     return used | {d for _, d in rule.scalars} | {d for _, d in rule.per_tensor}
 
 
-def render(rule: UpdateRule, templates: Templates, *, block: int = BLOCK,
-           chunk: int = CHUNK) -> str:
+def render(
+    rule: UpdateRule,
+    templates: Templates,
+    *,
+    block: int = BLOCK,
+    chunk: int = CHUNK,
+    capturable: Mapping[str, Expr] | None = None,
+) -> str:
     """The complete CUDA source of `rule`'s kernels (see the module docstring for the layout).
+
+    `capturable`: None for the plain kernels; else the optimizer's per-tensor formulas
+    (`Optimizer.tensor_formulas()`: float64 expressions of `per_tensor("step", F64)` and of
+    float64 scalars, by per-tensor value; `{}` for an optimizer without any) for the capturable
+    variant, whose kernel names end in `_capturable` (both variants may share a module). A
+    per-tensor value named `first` without a formula is 1 on a tensor's first step, else 0; any
+    other per-tensor value needs a formula (ValueError).
 
     The same rule always gives the same text, so the text can key a compile cache.
     """
     check_supported(rule, CUDA_OPS, "cuda")
-    info = describe(rule, block=block, chunk=chunk)
+    info = describe(rule, block=block, chunk=chunk, capturable=capturable)
     used = _dtypes_used(rule)
     head = [
-        f"// Generated by stepjit: kernels of the update rule {rule.name} (key {rule.key}).",
+        f"// Generated by stepjit: kernels of the update rule {rule.name} (key {rule.key})"
+        f"{', capturable variant' if info.capturable else ''}.",
         "//",
         *(f"// {line}" for line in rule.text.splitlines()),
         "",
@@ -503,7 +810,10 @@ def render(rule: UpdateRule, templates: Templates, *, block: int = BLOCK,
     if DType.BF16 in used:
         head.append("#include <cuda_bf16.h>")
     parts = ["\n".join(head), templates.prelude]
+    if info.prepare:
+        parts.append(_render_prepare(rule, info, capturable, templates))
     if rule.reductions:
         parts.append(_render_partial_sums(rule, info, templates))
+        parts.append(_render_tensor_sums(rule, info, templates))
     parts.append(_render_update(rule, info, templates))
     return "\n".join(parts)

@@ -29,7 +29,10 @@ What the backends promise:
   at most 2 ulps from the interpreter in the tests); CUDA calls its own, documented within 2 ulps
   of the correctly rounded result (expf, tanhf) or 1 (logf, exp, log, tanh).
 - `SUM` adds in float64 from +0, in an unspecified order: within (n - 1) * eps * sum(|x|) of the
-  exact sum, so two backends within twice that of each other.
+  exact sum, so two backends within twice that of each other. On CUDA a term that is the product
+  of (at most) two float32-or-narrower values is computed in float32 and runs of at most 8 terms
+  are added in float32 before their float64 sum (docs/cuda.md): within a further
+  9 * 2**-24 * sum(|x|).
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ class Adagrad(Optimizer):
         scale: factor applied to every gradient first (for example 1 / loss_scale).
         clip_norm: when > 0, the L2 norm each gradient tensor is clipped to.
         backend: "llvm", "cuda" or "reference"; default: where the parameters live.
+        capturable: on CUDA, keep step counts and per-tensor values on the device so that a
+            step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
 
     Example:
         >>> import numpy as np, stepjit
@@ -89,13 +91,14 @@ class Adagrad(Optimizer):
         scale: float = 1,
         clip_norm: float = 0,
         backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, scale=scale,
             clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

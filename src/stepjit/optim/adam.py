@@ -125,6 +125,8 @@ class Adam(Optimizer):
         scale: factor applied to every gradient first (for example 1 / loss_scale).
         clip_norm: when > 0, the L2 norm each gradient tensor is clipped to.
         backend: "llvm", "cuda" or "reference"; default: where the parameters live.
+        capturable: on CUDA, keep step counts and per-tensor values on the device so that a
+            step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
 
     Example:
         >>> import numpy as np, stepjit
@@ -151,12 +153,13 @@ class Adam(Optimizer):
         scale: float = 1,
         clip_norm: float = 0,
         backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, scale=scale, clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])
@@ -237,8 +240,9 @@ class AdamW(Adam):
         scale: float = 1,
         clip_norm: float = 0,
         backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True,
-            scale=scale, clip_norm=clip_norm, backend=backend,
+            scale=scale, clip_norm=clip_norm, backend=backend, capturable=capturable,
         )

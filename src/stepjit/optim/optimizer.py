@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,7 @@ class _Batch:
     first_column: int | None  # index of the per-tensor `first` flag, when the rule has one
     steps: np.ndarray | None = None  # per-tensor step counts (optimizers with counts_steps)
     first_set: bool = True  # some `first` flag may be 1: cleared after the next launch
+    captured: bool = False  # counts and per-tensor values live on the device (capturable)
 
 
 @dataclass
@@ -194,8 +196,9 @@ class _Draft:
 class Optimizer:
     """Base class of every stepjit optimizer (see the module docstring for the subclass API)."""
 
-    def __init__(self, params, defaults: dict, *, backend: str | None = None) -> None:
-        self._setup(defaults, [], {}, backend)
+    def __init__(self, params, defaults: dict, *, backend: str | None = None,
+                 capturable: bool = False) -> None:
+        self._setup(defaults, [], {}, backend, capturable)
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
             raise TypeError(
                 "params must be an iterable of Parameters or of param-group dicts, "
@@ -209,7 +212,11 @@ class Optimizer:
             self.add_param_group(g)
         self._backend = self._select_backend()
 
-    def _setup(self, defaults: dict, param_groups: list, state: dict, backend) -> None:
+    def _setup(self, defaults: dict, param_groups: list, state: dict, backend,
+               capturable: bool = False) -> None:
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        self.capturable = capturable
         self.defaults = dict(defaults)
         self.param_groups: list[dict] = param_groups
         self.state: dict = state
@@ -230,7 +237,7 @@ class Optimizer:
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
-             step_count=None):
+             step_count=None, capturable: bool = False):
         """An optimizer that works on existing `param_groups` and `state` containers, shared,
         not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
 
@@ -240,7 +247,7 @@ class Optimizer:
         the optimizer updates in place) into what `state[p]["step"]` holds (torch: a tensor
         sharing its memory)."""
         self = cls.__new__(cls)
-        self._setup({}, param_groups, state, backend)
+        self._setup({}, param_groups, state, backend, capturable)
         self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
@@ -362,13 +369,17 @@ class Optimizer:
         self._untracked = self._untracked or any(map(arrays.is_parameter, params))
         self._state_gen += 1
 
-    def step(self, *, grad_scale: float = 1.0) -> None:
+    def step(self, *, grad_scale: float = 1.0, lr_sources: Sequence = ()) -> None:
         """Update every parameter that has a gradient (or a pending accumulation).
 
         `grad_scale`: the factor the gradients were multiplied by (mixed precision's loss
         scale); the kernels divide it out as they read them, with no pass of their own. A group
         with `maximize` true ascends its objective (torch's flag): the gradient's sign flips
         the same way.
+
+        `lr_sources` (capturable CUDA steps): per group, None or a 0-d float32 array on the
+        device whose value multiplies the group's `lr` in every launch, read by the kernels
+        themselves: a step captured in a CUDA graph follows a schedule written into it.
 
         A step is atomic from Python's point of view: it raises before anything is written, or
         it completes with all its bookkeeping (a Ctrl-C that arrives meanwhile is raised once
@@ -377,7 +388,7 @@ class Optimizer:
         with self._exclusive:
             pending = self._pending
             settings = self._settings_of_groups()
-            if self._fast is not None and not pending and grad_scale == 1.0 and (
+            if self._fast is not None and not pending and grad_scale == 1.0 and not lr_sources and (
                     self._step_fast(settings)):
                 return
             scalars = [s.scalars for s in settings]
@@ -390,8 +401,10 @@ class Optimizer:
                           in enumerate(zip(self.param_groups, plans))]
             if self._fast is not None:  # the launches get this step's kernel arguments
                 self._fast.scalars_set = False
-            for plan, values, tensor_values in zip(plans, scalars, per_tensor):
-                self._run(plan, values, tensor_values)
+            for index, (plan, values, tensor_values) in enumerate(zip(plans, scalars,
+                                                                      per_tensor)):
+                self._run(plan, values, tensor_values,
+                          lr_sources[index] if index < len(lr_sources) else None)
             del held
             if self._untracked and not pending and not self._fast_holds():
                 self._fast = self._fast_step_of(settings)
@@ -611,12 +624,14 @@ class Optimizer:
                          members=frozenset(params))
             plan.spans_offset = list(np.cumsum([0] + [len(d.spans) for d in drafts[index]]))
             for d in drafts[index]:
-                launch = backend.bind(backend.compile(d.rule), d.tensors, d.per_tensor)
+                captured = kind == "step" and self._captures(backend)
+                launch = self._bind(backend, d, captured)
                 if self._untracked:  # the token's address check stands in for the references
                     launch.forget("grad")
                 for j, (p, i) in enumerate(zip(d.params, d.indices)):
                     plan.rows[p] = (len(plan.batches), j, i, _array(p))
-                plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column))
+                plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column,
+                                           captured=captured))
             plan.params = frozenset(plan.rows)
             if kind == "step" and self._untracked:
                 plan.moves = _moves_of(plan)
@@ -633,7 +648,8 @@ class Optimizer:
                     self._state_gen += 1  # the step's tables read the accumulations
             if kind == "step" and self.counts_steps:
                 for b in plan.batches:
-                    b.steps = self._step_counts(b.params)
+                    b.steps = (self._device_step_counts(b) if b.captured
+                               else self._step_counts(b.params))
             self._plans[(kind, index)] = ready[index] = plan
             self._built += 1
         entries = len(self.state)
@@ -826,6 +842,34 @@ class Optimizer:
                 d.spans.append((start, end, slot.written, where_, slot.name))
         return d
 
+    def _captures(self, backend: Backend) -> bool:
+        """Whether steps keep their counts and per-tensor values on the device (capturable)."""
+        return self.capturable and backend.name == "cuda"
+
+    def _bind(self, backend: Backend, d: _Draft, captured: bool) -> Launch:
+        if not captured:
+            return backend.bind(backend.compile(d.rule), d.tensors, d.per_tensor)
+        # the kernels count steps on the device from these: the parameters' own counts, or for
+        # an optimizer without (SGD's momentum) 0 where the buffer is new, so `first` is right
+        if self.counts_steps:
+            counts = [float(self.state.get(p, {}).get("step", 0)) for p in d.params]
+        elif d.first_column is not None:
+            counts = 1.0 - d.per_tensor[:, d.first_column]
+        else:
+            counts = np.zeros(len(d.params))
+        steps = arrays.zeros(d.tensors[0][0], (len(d.params),), DType.F32)
+        arrays.assign(steps, np.asarray(counts, np.float32))
+        kernel = backend.compile(d.rule, formulas=self.tensor_formulas())
+        return backend.bind(kernel, d.tensors, d.per_tensor, steps=steps)
+
+    def _device_step_counts(self, b: _Batch):
+        """A captured batch's counts: each state["step"] becomes a 0-d view of the device array
+        its kernels advance (torch's capturable optimizers keep theirs on the device too)."""
+        steps = b.launch.steps
+        for j, p in enumerate(b.params):
+            self.state.setdefault(p, {})["step"] = steps[j]
+        return steps
+
     def _step_counts(self, params: list) -> np.ndarray:
         """One array of step counts for a batch; each state["step"] becomes a 0-d view into it,
         so counting a step is one vectorized `+= 1` whatever the number of tensors. Counts are
@@ -948,7 +992,7 @@ class Optimizer:
         than the arithmetic, above all right after backward, when the caches are cold."""
         out = []
         for b in plan.batches:
-            if b.steps is None:
+            if b.steps is None or b.captured:
                 out.append(None)
                 continue
             counts = b.steps.tolist()
@@ -967,8 +1011,13 @@ class Optimizer:
             out.append((steps, values))
         return out
 
-    def _run(self, plan: _Plan, scalars: dict[str, float], per_tensor: list | None = None) -> None:
+    def _run(self, plan: _Plan, scalars: dict[str, float], per_tensor: list | None = None,
+             lr_source=None) -> None:
         for b, extra in zip(plan.batches, per_tensor or [None] * len(plan.batches)):
+            if b.captured:  # counts, per-tensor values and a device lr: the kernels' own
+                b.launch.set_inputs(scalars, lr_source)
+                b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
+                continue
             if extra is not None:
                 for name, values in extra[1].items():
                     b.launch.set_per_tensor(name, values)

@@ -27,7 +27,7 @@ from .optimizer import Optimizer, required
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 """Every built-in optimizer by its lower-case name."""
 
-_NOT_HYPERPARAMETERS = ("self", "params", "backend")
+_NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable")
 
 
 def register(name: str):

@@ -65,6 +65,8 @@ class SGD(Optimizer):
         scale: factor applied to every gradient first (for example 1 / loss_scale).
         clip_norm: when > 0, the L2 norm each gradient tensor is clipped to.
         backend: "llvm", "cuda" or "reference"; default: where the parameters live.
+        capturable: on CUDA, keep step counts and per-tensor values on the device so that a
+            step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
 
     Example:
         >>> import numpy as np, stepjit
@@ -88,6 +90,7 @@ class SGD(Optimizer):
         clip_norm: float = 0,
         *,
         backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         if lr is required:
             raise ValueError("parameter 'lr' is required (none given)")
@@ -95,7 +98,7 @@ class SGD(Optimizer):
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, scale=scale, clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

@@ -9,6 +9,10 @@
     launch.table_cells("grad", rows, nbytes)            # where a forgotten slot's addresses
                                                         # live (host tables: runtime.repoint)
 
+The CUDA backend also compiles a capturable variant, `compile(rule, formulas=f)` with the
+optimizer's `tensor_formulas()`, bound with `bind(..., steps=counts)` (a device array its kernels
+advance) and given its inputs by `launch.set_inputs(scalars, lr_source)` before each call.
+
 `tensors` is a list, one entry per tensor, of arrays in the rule's slot order, each already
 checked by the caller against its parameter (shape, dtype, device, layout, overlaps); a launch
 checks again only what keeps memory safe (each array spans the bytes the kernel touches).
@@ -54,10 +58,11 @@ class Launch(abc.ABC):
     """Whether `repoint` is supported (otherwise the caller binds a new launch)."""
 
     def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        """For a host launch that does not hold `slot`'s arrays (`forget`): the addresses of the
-        table entries holding the pointers of `slot` at `rows`, for `runtime.repoint` to write
-        new addresses of arrays of `nbytes` each (checked here, once) into; valid while the
-        launch lives. None when the tables are not host memory."""
+        """For a launch that does not hold `slot`'s arrays (`forget`): the host addresses of
+        the table entries holding the pointers of `slot` at `rows`, for `runtime.repoint` to
+        write new addresses of arrays of `nbytes` each (checked here, once) into; valid while
+        the launch lives (a CUDA launch uploads its host table when it changed). None when a
+        launch has no such table."""
         return None
 
     def set_scalars(self, scalars: Sequence[float]) -> None:
@@ -120,6 +125,14 @@ class Launch(abc.ABC):
             raise ValueError(f"{self.rule.name}: tensor {rows[j]}, slot {slot}: {nbytes[j]} bytes "
                              f"where the kernel expects {want[j]}")
         return k
+
+
+def cells_of(table: np.ndarray, rows: np.ndarray, column: int) -> np.ndarray:
+    """The addresses of `table[rows, column]` (a C-ordered host array): where `runtime.repoint`
+    writes new entries."""
+    width = table.shape[1] * table.itemsize
+    return (table.ctypes.data + rows.astype(np.uint64) * width
+            + column * table.itemsize).astype(np.uint64)
 
 
 class Backend(abc.ABC):

@@ -45,7 +45,7 @@ from ..codegen import llvm as codegen
 from ..ir import UpdateRule
 from . import arrays, omp
 from . import cache as kcache
-from .backend import Backend, Launch
+from .backend import Backend, Launch, cells_of
 
 log = logging.getLogger("stepjit")
 
@@ -403,10 +403,7 @@ class CPULaunch(Launch):
             self._scalar_cells[: len(scalars)] = array("d", scalars)
 
     def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        k = self._repoint_check(slot, rows, nbytes, self._numel)
-        width = self._ptrs.shape[1] * self._ptrs.itemsize
-        return (self._ptrs.ctypes.data + rows.astype(np.uint64) * width
-                + k * self._ptrs.itemsize).astype(np.uint64)
+        return cells_of(self._ptrs, rows, self._repoint_check(slot, rows, nbytes, self._numel))
 
     def __call__(self, scalars: Sequence[float]) -> None:
         self.set_scalars(scalars)

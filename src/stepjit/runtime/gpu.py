@@ -41,7 +41,7 @@ from .._version import __version__
 from ..codegen import cuda as codegen
 from ..ir import DType, UpdateRule
 from . import arrays, cache
-from .backend import Backend, Launch
+from .backend import Backend, Launch, cells_of
 
 NVRTC_OPTIONS: tuple[str, ...] = (
     "-std=c++17",
@@ -362,8 +362,8 @@ class CUDAKernel:
     arch: str
     device: int
     module: object
-    update: object
-    partial_sums: object | None
+    functions: tuple  # info.kernels, loaded: launched in this order over the same arguments
+    prepare: object | None  # the capturable variant's per-tensor kernel (info.prepare)
 
 
 class CUDABackend(Backend):
@@ -384,18 +384,22 @@ class CUDABackend(Backend):
         self._kernels: dict[str, CUDAKernel] = {}
         self._lock = threading.Lock()
 
-    def compile(self, rule: UpdateRule) -> CUDAKernel:
+    def compile(self, rule: UpdateRule, formulas: dict | None = None) -> CUDAKernel:
+        """The kernels of `rule`; with `formulas` (the optimizer's `tensor_formulas()`), its
+        capturable variant, which computes the per-tensor values and counts steps itself."""
+        key = (rule.key, None if formulas is None else
+               tuple(sorted((name, repr(e)) for name, e in formulas.items())))
         with self._lock:
-            kernel = self._kernels.get(rule.key)
+            kernel = self._kernels.get(key)
             if kernel is not None:
                 cache.record(memory_hits=1)
                 return kernel
             t0 = time.perf_counter()
-            source = render(rule)
+            source = render(rule, capturable=formulas)
             if dump_dir := os.environ.get("STEPJIT_DUMP_DIR"):
                 _dump(Path(dump_dir), rule, source, self.arch)
-            info = codegen.describe(rule)
-            entry_points = [info.update, *([info.partial_sums] if info.partial_sums else [])]
+            info = codegen.describe(rule, capturable=formulas)
+            entry_points = [*info.kernels, *([info.prepare] if info.prepare else [])]
             image, from_disk = load_or_compile(source, self.arch, entry_points)
             cp = _cupy()
             with cp.cuda.Device(self.device):
@@ -403,11 +407,10 @@ class CUDABackend(Backend):
                 module.load(image)
                 kernel = CUDAKernel(
                     rule=rule, info=info, source=source, arch=self.arch, device=self.device,
-                    module=module, update=module.get_function(info.update),
-                    partial_sums=(module.get_function(info.partial_sums)
-                                  if info.partial_sums else None),
+                    module=module, functions=tuple(map(module.get_function, info.kernels)),
+                    prepare=module.get_function(info.prepare) if info.prepare else None,
                 )
-            self._kernels[rule.key] = kernel
+            self._kernels[key] = kernel
             seconds = time.perf_counter() - t0
             if from_disk:
                 cache.record(disk_hits=1, seconds=seconds)
@@ -415,8 +418,11 @@ class CUDABackend(Backend):
                 cache.record(compiles=1, seconds=seconds)
             return kernel
 
-    def bind(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
-        return CUDALaunch(kernel, tensors, per_tensor)
+    def bind(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray,
+             steps=None) -> Launch:
+        """A launch of `kernel`; for a capturable kernel, `steps` is the device array (float32,
+        one per tensor) of step counts its kernels advance."""
+        return CUDALaunch(kernel, tensors, per_tensor, steps)
 
 
 def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
@@ -517,12 +523,23 @@ class CUDALaunch(Launch):
     get `record_stream` for each new stream they are used on).
     """
 
-    def __init__(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray) -> None:
+    def __init__(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray,
+                 steps=None) -> None:
         cp = _cupy()
         _check_tensors(kernel, tensors)
         info = kernel.info
         super().__init__(kernel.rule, tensors, per_tensor)
         self.kernel = kernel
+        self.steps = steps
+        if info.capturable:
+            if steps is None or arrays.numel(steps) != len(tensors) or (
+                    arrays.dtype(steps) is not DType.F32) or not arrays.is_dense(steps) or (
+                    arrays.device(steps) != f"cuda:{kernel.device}"):
+                raise ValueError(f"{self.rule.name}: a capturable launch needs a dense float32 "
+                                 f"array of {len(tensors)} step counts on cuda:{kernel.device}")
+            self._lr = np.uint64(0)  # no device lr: the `lr` argument is the learning rate
+            self._lr_source = None
+            self._inputs: tuple = ()
         tables = build_tables(
             [[arrays.data_ptr(a) for a in t] for t in tensors],
             [arrays.numel(t[0]) if t else 0 for t in tensors],
@@ -544,9 +561,10 @@ class CUDALaunch(Launch):
             self._per_tensor_dev = cp.empty((max(1, n), info.n_per_tensor), np.float64)
             partials = cp.empty((max(1, self.n_chunks), info.n_reductions), np.float64)
         self._tables = (ptrs, numel, chunks, self._per_tensor_dev, partials)
-        # uploaded by the first call, on the stream it runs on
-        self._pending = [(ptrs, tables.ptrs), (numel, tables.numel),
-                         (chunks[: self.n_chunks], tables.chunks)]
+        # uploaded by the first call, on the stream it runs on; the address table whenever it
+        # changed (re-pointed here, or written by `runtime.repoint` through `table_cells`)
+        self._pending = [(numel, tables.numel), (chunks[: self.n_chunks], tables.chunks)]
+        self._uploaded_ptrs: bytes | None = None
         self._uploaded: bytes | None = None
         self._pack = scalar_types(self.rule.scalars)
         self._grid = (self.n_chunks,)
@@ -566,7 +584,10 @@ class CUDALaunch(Launch):
             _check_array(self.kernel, f"tensor {j}, slot {slot}", self.rule.slots[k], a)
         self._hold(slot, rows, tensors, self._numel)
         self._ptrs[list(rows), k] = [arrays.data_ptr(a) for a in tensors]
-        self._pending.append((self._tables[0], self._ptrs))  # uploaded by the next call
+
+    def table_cells(self, slot: str, rows: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        # the host copy of the address table: the next call uploads it when it changed
+        return cells_of(self._ptrs, rows, self._repoint_check(slot, rows, nbytes, self._numel))
 
     def _switch(self, stream, torch_stream) -> None:
         """Order `stream` after everything this launch queued on the stream of the last call."""
@@ -585,9 +606,30 @@ class CUDALaunch(Launch):
         self._streams[stream.ptr] = stream
         self._last = stream
 
+    def set_inputs(self, values: dict, lr_source=None) -> None:
+        """A capturable launch's values for its next calls: the group's kernel arguments by
+        name (those the per-tensor formulas read among them), and the device array, if any,
+        whose value multiplies `lr` (a 0-d float32 array on this launch's device; `values`
+        then gives lr as the multiplier)."""
+        self._inputs = tuple(np.float64(values[n]) for n in self.kernel.info.prepare_inputs)
+        if lr_source is not self._lr_source:
+            if lr_source is None:
+                self._lr = np.uint64(0)
+            else:
+                where = f"{self.rule.name}: the device learning rate"
+                if not arrays.is_array(lr_source) or arrays.numel(lr_source) != 1 or (
+                        arrays.dtype(lr_source) is not DType.F32):
+                    raise ValueError(f"{where} must be one float32 element, got "
+                                     f"{arrays.type_name(lr_source)}")
+                if arrays.device(lr_source) != f"cuda:{self.kernel.device}":
+                    raise ValueError(f"{where} is on {arrays.device(lr_source)}, the kernels "
+                                     f"on cuda:{self.kernel.device}")
+                self._lr = np.uint64(arrays.data_ptr(lr_source))
+            self._lr_source = lr_source  # held: the kernels read it
+
     def _sync_per_tensor(self, stream) -> None:
         values = self.per_tensor
-        if values.size == 0:
+        if values.size == 0 or self.kernel.info.capturable:  # the device computes them
             return
         current = values.tobytes()
         if current != self._uploaded:
@@ -601,9 +643,11 @@ class CUDALaunch(Launch):
         if len(scalars) != len(self._pack):
             raise ValueError(f"{self.rule.name}: {len(scalars)} scalars given, expected "
                              f"{len(self._pack)} ({', '.join(self.rule.scalar_names)})")
-        if self.n_chunks == 0:
+        if self.n_chunks == 0 and self.kernel.prepare is None:
             return
-        args = self._tables + tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
+        values = tuple(pack(v) for pack, v in zip(self._pack, scalars, strict=True))
+        info = self.kernel.info
+        args = self._tables + ((self._lr,) if info.capturable else ()) + values
         cp = _cupy()
         stream, torch_stream = self._stream()
         with contextlib.ExitStack() as scope:
@@ -615,10 +659,19 @@ class CUDALaunch(Launch):
             for dst, src in self._pending:
                 upload(dst, src, stream)
             self._pending = []
+            addresses = self._ptrs.tobytes()
+            if addresses != self._uploaded_ptrs:
+                upload(self._tables[0], self._ptrs, stream)
+                self._uploaded_ptrs = addresses
             self._sync_per_tensor(stream)
-            if self.kernel.partial_sums is not None:
-                self.kernel.partial_sums(self._grid, self._block, args)
-            self.kernel.update(self._grid, self._block, args)
+            if self.kernel.prepare is not None:
+                n = len(self.held)
+                self.kernel.prepare(
+                    (-(-n // info.prepare_block),), (info.prepare_block,),
+                    (np.uint64(arrays.data_ptr(self.steps)), self._per_tensor_dev, self._lr,
+                     np.int32(n), *self._inputs))
+            for function in self.kernel.functions if self.n_chunks else ():
+                function(self._grid, self._block, args)
 
     def __del__(self) -> None:
         # The tables go back to the home stream's pool: order their reuse there after the
