@@ -6,9 +6,10 @@ asynchronously, so that ordering bugs fail a test instead of a training run:
 
 - **Streams and events** carry vector clocks: an operation on a stream happens after everything
   earlier on that stream, after every event the stream waited for, and after what the host did
-  and saw complete before queuing it; the host is one more clock, which `synchronize()` joins. Nothing is ordered by accident: every stream, the null
-  stream included, behaves as a non-blocking stream, and an event counts as done only once the
-  host has synchronized with it (as on a slow device).
+  and saw complete before queuing it; the host is one more clock, which `synchronize()` joins.
+  Nothing is ordered by accident: every stream, the null stream included, behaves as a
+  non-blocking stream, and an event counts as done only once the host has synchronized with it
+  (as on a slow device).
 - **Memory accesses** of every operation (kernel, host-to-device copy, memset) are recorded by
   byte range. An operation that reads memory whose last write is not ordered before it, or
   writes memory that an unordered operation reads or writes, raises `StreamRace`, naming both.
@@ -18,13 +19,15 @@ asynchronously, so that ordering bugs fail a test instead of a training run:
   stream it was allocated on and the next allocation of its size on that stream reuses it at
   once, so memory freed while another stream still reads it is caught when it is rewritten.
 
-- **Graph capture**: `Model.capture(stream)` records the kernels launched on that stream instead
-  of running them, as CUDA does, and fails any allocation, host-to-device copy, event query or
-  synchronization meanwhile (what a captured step must not do); `Graph.replay()` runs the
-  recorded launches again with the arguments they were captured with.
+- **Graph capture**: `Model.capture(stream)` records the kernels and host-to-device copies queued
+  on that stream instead of running them, as CUDA does, and fails any allocation (device or
+  pinned), event query or synchronization meanwhile (what a captured step must not do);
+  `Graph.replay()` runs the recorded operations again with the arguments they were captured
+  with. The graph holds addresses, not arrays: a replay that reaches memory freed since the
+  capture fails.
 
-What it does not model: kernels run when they are launched (a race is reported, not acted out),
-and pinned host memory.
+What it does not model: kernels run when they are launched (a race is reported, not acted out);
+pinned memory is never reused; the pool reuses a block only for an allocation of its size.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class Model:
         self.stack: list[FakeStream] = []
         self.accesses: list[_Access] = []
         self.free: dict[tuple[int, int], list[np.ndarray]] = {}  # (stream, size) -> blocks
-        self.blocks: dict[int, _Block] = {}  # start address -> live block
+        # start address -> live block (weak: a block is freed when its last array is)
+        self.blocks: weakref.WeakValueDictionary[int, _Block] = weakref.WeakValueDictionary()
         self.kernels: list[str] = []  # every launch, in order
         self.graph: Graph | None = None  # the capture in progress
 
@@ -143,6 +147,8 @@ class Model:
         params = info.prepare_params if kernel == info.prepare else info.params
         table = {}
         for (ctype, name), a in zip(params, args, strict=True):
+            if name == "chunk_partials" and kernel != info.update:
+                ctype = "double*"  # the partial-sum kernels write it (the update reads it)
             if isinstance(a, FakeArray):
                 span = a.span()
                 table[name] = a
@@ -239,11 +245,35 @@ class _Memory:
 
     def copy_from_host_async(self, src, nbytes, stream=None):
         model = self._owner.model
-        model.forbid("a host-to-device copy")
         stream = stream or model.current()
-        model.op(stream, "a host-to-device copy", writes=[(self.ptr, self.ptr + nbytes)])
-        FakeArray.uploads.append(nbytes)
-        ctypes.memmove(self.ptr, src.value, nbytes)
+        if model.graph is not None and stream is model.graph.stream:
+            model.graph.nodes.append(_Copy(self.ptr, src.value, nbytes))  # run by replays
+            return
+        model.forbid("a host-to-device copy")
+        _Copy(self.ptr, src.value, nbytes).run(model, stream)
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A host-to-device copy (a graph node when captured: the source is read at each replay)."""
+
+    dst: int
+    src: int
+    nbytes: int
+
+    def run(self, model: Model, stream: FakeStream) -> None:
+        model.op(stream, "a host-to-device copy", writes=[(self.dst, self.dst + self.nbytes)])
+        FakeArray.uploads.append(self.nbytes)
+        ctypes.memmove(self.dst, self.src, self.nbytes)
+
+
+@dataclass(frozen=True)
+class _Address:
+    """A device array as a captured graph holds it: an address, not a reference."""
+
+    ptr: int
+    shape: tuple
+    dtype: np.dtype
 
 
 class FakeArray:
@@ -330,6 +360,10 @@ def install(model: Model, lib, rules, nvrtc) -> types.ModuleType:
         out._a[...] = a  # written by the host before anything is queued: ordered
         return out
 
+    def pinned(nbytes):
+        model.forbid("a pinned allocation")
+        return bytearray(nbytes)
+
     cp.zeros, cp.zeros_like, cp.asarray = zeros, zeros_like, asarray
     cp.empty = lambda shape, dtype=np.float64: model.allocate(shape, dtype, model.current())
 
@@ -381,7 +415,7 @@ def install(model: Model, lib, rules, nvrtc) -> types.ModuleType:
         Device=Device,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
         function=types.SimpleNamespace(Module=Module),
-        alloc_pinned_memory=bytearray,
+        alloc_pinned_memory=pinned,
         get_current_stream=model.current,
         Stream=types.SimpleNamespace(null=model.null, from_external=Stream.from_external),
         ExternalStream=model_stream,  # CuPy's older spelling of from_external
@@ -397,7 +431,11 @@ class Graph:
 
     def __init__(self, model: Model, stream: FakeStream) -> None:
         self.model, self.stream = model, stream
-        self.launches: list[tuple] = []
+        self.nodes: list = []  # _Copy, and (function, grid, arguments) of each kernel
+
+    @property
+    def launches(self) -> list[tuple]:
+        return [n for n in self.nodes if not isinstance(n, _Copy)]
 
     def __enter__(self) -> Graph:
         assert self.model.graph is None, "one capture at a time"
@@ -411,10 +449,27 @@ class Graph:
         return False
 
     def replay(self) -> None:
-        """Run the recorded launches again, on the stream they were captured on."""
+        """Run the recorded operations again, on the stream they were captured on."""
         with self.stream:
-            for function, grid, args in self.launches:
-                function.run(grid, args)
+            for node in self.nodes:
+                if isinstance(node, _Copy):
+                    self.model.block_span(node.dst)  # still allocated
+                    node.run(self.model, self.stream)
+                    continue
+                function, grid, args = node
+                function.run(grid, tuple(self._live(a) for a in args))
+
+    def _live(self, a):
+        """An argument as the replay passes it: an array at the captured address, which must
+        still be allocated."""
+        if not isinstance(a, _Address):
+            return a
+        start, end = self.model.block_span(a.ptr)  # fails for memory freed since the capture
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * (end - start)).from_address(start))
+        count = int(np.prod(a.shape, dtype=np.int64))
+        offset = a.ptr - start
+        view = raw[offset: offset + count * a.dtype.itemsize].view(a.dtype).reshape(a.shape)
+        return FakeArray(view, self.model.blocks[start])
 
 
 class _Function:
@@ -427,7 +482,9 @@ class _Function:
     def __call__(self, grid, block, args):
         graph = self._model.graph
         if graph is not None and self._model.current() is graph.stream:
-            graph.launches.append((self, grid, tuple(args)))  # recorded, not run
+            held = tuple(_Address(a.data.ptr, a.shape, a.dtype) if isinstance(a, FakeArray)
+                         else a for a in args)
+            graph.nodes.append((self, grid, held))  # recorded, not run
             return
         self.run(grid, args)
 

@@ -434,9 +434,11 @@ def test_first_flag_comes_from_the_step_count():
     assert ("per_tensor_values[(long long)tensor * 1 + 0] = step_count == 1.0f ? 1.0 : 0.0;"
             in prepare)
     assert "const double step" not in prepare  # no formula reads it
-    # no per-tensor value: no prepare kernel
-    assert cuda.describe(sgd_rule(False, False, False, False, F32, F32), capturable={}).prepare \
-        is None
+    # no per-tensor value: a prepare kernel all the same, which counts steps (RMSprop's)
+    plain = sgd_rule(False, False, False, False, F32, F32)
+    prepare = _kernel(gpu.render(plain, capturable={}), cuda.describe(plain, capturable={}).prepare)
+    assert "steps[tensor] = step_count;" in prepare
+    assert "per_tensor_values[(long long)tensor" not in prepare
 
 
 def test_formulas_must_match_the_per_tensor_values():

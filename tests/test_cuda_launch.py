@@ -12,6 +12,7 @@ device runs the code (see test_cuda_gpu.py for that).
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 import types
 
@@ -31,6 +32,7 @@ gpu = pytest.importorskip("stepjit.runtime.gpu")
 F16, F32, F64 = DType.F16, DType.F32, DType.F64
 
 ADAM = adam_rule(False, False, False, False, F32, F32)
+RMSPROP = stepjit.optim.rule_for("rmsprop", "float32")  # counts steps, no per-tensor values
 
 
 def _formulas(cls) -> dict:
@@ -48,6 +50,7 @@ RULES = [
     ADAM,
     (sgd_rule(True, False, True, False, F32, F32), {}),  # capturable variants
     (ADAM, _formulas(stepjit.optim.Adam)),
+    (RMSPROP, {}),
 ]
 
 
@@ -278,6 +281,13 @@ def test_a_launch_moved_to_another_stream_orders_reuse_of_its_memory(torch_strea
     first(SCALARS[: len(MOMENTUM.scalars)])
     assert all(a.recorded == [default.ptr] for t in tensors for a in t)  # held: recorded
     del first
+    gc.collect()
+    # whoever allocates next, on any stream, may write the memory at once: the tables came
+    # from the side stream's pool, and the side stream now waits for the default one
+    for stream in (model.null, side):
+        with stream:
+            for _ in range(8):
+                cp.zeros(10, np.float32)
     use_torch_stream(side)
     second, _ = _launch([1000, 3000], seed=1)
     second(SCALARS[: len(MOMENTUM.scalars)])
@@ -326,7 +336,7 @@ def test_cupy_steps_on_alternating_streams_are_ordered(fake):
 SCHEDULE = [0.01 * (1 + np.cos(np.pi * k / 12)) / 2 + 1e-3 for k in range(12)]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_a_captured_step_replays_with_the_current_lr_and_step_count(fake, name):
     # warm-up steps, one step captured, then replays with a schedule written into a device lr
     # between them and new gradient values copied into the same gradient arrays: the replays
@@ -334,7 +344,7 @@ def test_a_captured_step_replays_with_the_current_lr_and_step_count(fake, name):
     cp = sys.modules["cupy"]
     model = FakeArray.model
     cls = getattr(stepjit.optim, name)
-    config = {"SGD": dict(momentum=0.9, weight_decay=1e-2), "Adam": {}}[name]
+    config = {"SGD": dict(momentum=0.9, weight_decay=1e-2), "Adam": {}, "RMSprop": {}}[name]
     sizes = (1000, 70_000, 3)
     rng = np.random.default_rng(5)
     data = [rng.standard_normal(n).astype(np.float32) for n in sizes]
@@ -368,10 +378,10 @@ def test_a_captured_step_replays_with_the_current_lr_and_step_count(fake, name):
         ref_opt.param_groups[0]["lr"] = float(rate)
         ref_opt.step()
     stream.synchronize()
-    tol = 0 if name == "SGD" else 1e-6  # Adam's bias corrections: exp and log on the device
+    tol = 1e-6 if name == "Adam" else 0  # Adam's bias corrections: exp and log on the device
     for p, r in zip(params, ref, strict=True):
         np.testing.assert_allclose(p.data.get(), r.data, rtol=tol, atol=tol)
-    if name == "Adam":
+    if name != "SGD":
         assert [float(opt.state[p]["step"].get()) for p in params] == [15.0] * 3
     captured = [n for n in model.kernels if n.endswith("_capturable")]
     assert captured and all(n.endswith("_capturable") for n in model.kernels if "sgd" in n
@@ -422,3 +432,120 @@ def test_gradient_addresses_written_into_the_host_table_are_uploaded(torch_strea
     assert len(FakeArray.uploads) == before + 2
     with pytest.raises(ValueError, match="bytes where the kernel expects"):
         launch.table_cells("grad", np.arange(2), np.array([4000, 4], np.uint64))
+
+
+def _captured_sgd(cp, model, stream, sizes=(300, 5000)):
+    """A capturable SGD with momentum over CuPy arrays, three steps warmed up on `stream`."""
+    with stream:
+        params = [stepjit.Parameter(cp.zeros(n, np.float32)) for n in sizes]
+        for p in params:
+            p.grad = cp.zeros(p.data.shape, np.float32)
+            p.grad[...] = 1.0
+    opt = stepjit.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, capturable=True)
+    with stream:
+        for _ in range(3):
+            opt.step()
+    return opt, params
+
+
+def test_gradients_made_anew_for_the_capture_are_copied_by_the_graph(fake):
+    # torch's whole-network recipe: zero_grad(set_to_none=True), then backward inside the
+    # capture makes new gradients; the captured step copies their addresses from a buffer only
+    # the graph reads, and an eager step afterwards uploads the table again
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    stream = cp.new_stream()
+    opt, params = _captured_sgd(cp, model, stream)
+    with stream:  # where the state is: the reference starts from it
+        ref = [stepjit.Parameter(p.data.get()) for p in params]
+        momentum = {i: {"momentum_buffer": opt.state[p]["momentum_buffer"].get()}
+                    for i, p in enumerate(params)}
+    ref_opt = stepjit.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2, backend="reference")
+    ref_opt.load_state_dict({"state": momentum, "param_groups": ref_opt.state_dict()[
+        "param_groups"]})
+    with stream:
+        static = [cp.zeros(p.data.shape, np.float32) for p in params]
+    for p, g in zip(params, static, strict=True):
+        p.grad = g
+    with model.capture(stream) as graph:
+        opt.step()
+    assert len(graph.nodes) == 3  # the address table's copy, the prepare kernel, the update
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        values = [rng.standard_normal(g.shape).astype(np.float32) for g in static]
+        with stream:
+            for g, v in zip(static, values, strict=True):
+                g[...] = v
+            graph.replay()
+        for r, v in zip(ref, values, strict=True):
+            r.grad = v
+        ref_opt.step()
+    with stream:
+        opt.step()  # eager, same gradients: the table the graph copied is uploaded for it too
+    ref_opt.step()
+    stream.synchronize()
+    for p, r in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(p.data.get(), r.data)
+
+
+def test_a_capture_needs_capturable_steps(fake):
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    stream = cp.new_stream()
+    with stream:
+        w = stepjit.Parameter(cp.zeros(10, np.float32))
+        w.grad = cp.zeros(10, np.float32)
+    opt = stepjit.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    with stream:
+        opt.step()
+    with pytest.raises(RuntimeError, match="needs capturable=True"), model.capture(stream):
+        opt.step()
+
+
+def test_a_graph_replays_after_its_optimizer_is_gone(fake):
+    # the graph holds the tables' addresses: they stay allocated (a replay of freed memory
+    # fails in the stand-in)
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    stream = cp.new_stream()
+    opt, params = _captured_sgd(cp, model, stream)
+    with model.capture(stream) as graph:
+        opt.step()
+    del opt
+    gc.collect()
+    graph.replay()
+
+
+def test_device_lr_is_checked_before_anything_runs(fake):
+    cp = sys.modules["cupy"]
+    stream = cp.new_stream()
+    with stream:
+        a = stepjit.Parameter(cp.zeros(10, np.float32))
+        b = stepjit.Parameter(cp.zeros(10, np.float32))
+        a.grad, b.grad = cp.zeros(10, np.float32), cp.zeros(10, np.float32)
+        lr32, lr64 = cp.zeros((), np.float32), cp.zeros((), np.float64)
+    opt = stepjit.optim.Adam([{"params": [a]}, {"params": [b]}], lr=1.0, capturable=True)
+    with stream, pytest.raises(ValueError, match="param group 1: the device lr must be one "
+                                                 "float32 element"):
+        opt.step(lr_sources=[lr32, lr64])
+    assert "step" not in opt.state.get(a, {})  # group 0 did not step either
+    plain = stepjit.optim.Adam([a], lr=1.0)
+    with stream, pytest.raises(ValueError, match="read only by capturable steps"):
+        plain.step(lr_sources=[lr32])
+
+
+def test_a_rebuilt_launch_is_ordered_after_the_stream_of_the_last(fake):
+    # a step on stream a, then the parameter list edited (the tables are built anew) and a
+    # step on stream b: the new launch waits for a's kernels before it touches the parameters
+    cp = sys.modules["cupy"]
+    a, b = cp.new_stream(), cp.new_stream()
+    with a:
+        params = [stepjit.Parameter(cp.zeros(100, np.float32)) for _ in range(3)]
+        for p in params:
+            p.grad = cp.zeros(100, np.float32)
+    opt = stepjit.optim.SGD(params[:2], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    with a:
+        opt.step()
+    opt.param_groups[0]["params"].append(params[2])
+    with b:
+        opt.step()

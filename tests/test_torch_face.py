@@ -1019,3 +1019,31 @@ def test_a_lazily_negated_tensor_is_refused_not_read_as_its_memory():
     with pytest.raises(ValueError, match="negative bit"):
         opt.step()
     assert torch.equal(p, before)
+
+
+# -- capturable ------------------------------------------------------------------------------------
+class _CudaLookingScalar(torch.Tensor):
+    """A host scalar that says it is on a CUDA device (what a capturable step reads live)."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_capturable_is_kept_by_copies_and_pickles():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = stepjit.torch.Adam([p], lr=1e-3, capturable=True)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin._engine.capturable
+    assert not stepjit.torch.Adam([p], lr=1e-3)._engine.capturable
+
+
+def test_a_cuda_looking_lr_is_a_number_when_steps_are_not_captured():
+    # on the CPU a capturable optimizer's steps are ordinary ones: a CUDA lr is read as its
+    # value, never as the 1.0 factor a captured kernel multiplies the device value by
+    p = torch.nn.Parameter(torch.ones(3))
+    lr = torch.tensor(1e-3).as_subclass(_CudaLookingScalar)
+    opt = stepjit.torch.SGD([p], lr=lr, capturable=True)
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 1e-3))

@@ -133,7 +133,8 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "process_group": self.process_group,
                 "bucket_cap_bytes": self.bucket_cap_bytes,
-                "_requested_backend": self._requested_backend}
+                "_requested_backend": self._requested_backend,
+                "_capturable": self.__dict__.get("_capturable", False)}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -202,7 +203,7 @@ class Optimizer(torch.optim.Optimizer):
         groups = self._numeric_groups()
         self._engine.share(groups, self.state)
         sources = ()
-        if groups is not self.param_groups and self.__dict__.get("_capturable"):
+        if groups is not self.param_groups and self._live_lr():
             sources = [_live_lr(g) for g in self.param_groups]
         self._engine.step(grad_scale=1.0 if grad_scale is None else float(grad_scale),
                           lr_sources=sources)
@@ -214,10 +215,15 @@ class Optimizer(torch.optim.Optimizer):
         if plain is not None and len(plain) == len(groups) and all(
                 g["params"] is p["params"] and g == p for g, p in zip(groups, plain)):
             return groups
-        found = _with_numbers(groups, live_lr=self.__dict__.get("_capturable", False))
+        found = _with_numbers(groups, live_lr=self._live_lr())
         snapshots = [_snapshot(g) for g in groups]
         self._plain = snapshots if found is groups and None not in snapshots else None
         return found
+
+    def _live_lr(self) -> bool:
+        """Whether a CUDA tensor lr is read on the device (capturable CUDA steps) rather than
+        as a number."""
+        return self.__dict__.get("_capturable", False) and self._engine.backend == "cuda"
 
     def accumulate_grad(self) -> None:
         """Dragon's gradient accumulation: see `stepjit.optim.Optimizer.accumulate_grad`."""

@@ -283,7 +283,7 @@ class KernelInfo:
     n_reductions: int  # columns of chunk_partials (at least 1)
     params: tuple[tuple[str, str], ...]  # (C type, name) of the parameters of `kernels`
     capturable: bool  # the variant for CUDA graphs: lr_source, names ending in _capturable
-    prepare: str | None  # capturable with per-tensor values: the kernel that computes them
+    prepare: str | None  # capturable: the kernel that counts steps, computes per-tensor values
     prepare_inputs: tuple[str, ...]  # the scalars the formulas read: prepare's double arguments
     prepare_block: int  # threads per block of `prepare`
     prepare_params: tuple[tuple[str, str], ...]  # (C type, name) of prepare's parameters
@@ -334,7 +334,7 @@ def describe(
     params = _TABLE_PARAMS + lr_source + tuple(
         (CTYPES[d], _argument_name(n, variant)) for n, d in rule.scalars
     )
-    prepare = name("prepare") if variant and rule.per_tensor else None
+    prepare = name("prepare") if variant else None  # it also counts steps: RMSprop has no values
     prepare_params = _PREPARE_PARAMS + tuple(("double", _argument_name(n, True)) for n in inputs)
     return KernelInfo(
         rule_name=rule.name,

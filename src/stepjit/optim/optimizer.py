@@ -386,6 +386,8 @@ class Optimizer:
         the step is done). One optimizer is stepped by one thread at a time.
         """
         with self._exclusive:
+            if lr_sources:
+                self._check_lr_sources(lr_sources)
             pending = self._pending
             settings = self._settings_of_groups()
             if self._fast is not None and not pending and grad_scale == 1.0 and not lr_sources and (
@@ -852,6 +854,7 @@ class Optimizer:
         # the kernels count steps on the device from these: the parameters' own counts, or for
         # an optimizer without (SGD's momentum) 0 where the buffer is new, so `first` is right
         if self.counts_steps:
+            backend.settle()  # counts of an earlier capturable plan may still be in flight
             counts = [float(self.state.get(p, {}).get("step", 0)) for p in d.params]
         elif d.first_column is not None:
             counts = 1.0 - d.per_tensor[:, d.first_column]
@@ -861,6 +864,30 @@ class Optimizer:
         arrays.assign(steps, np.asarray(counts, np.float32))
         kernel = backend.compile(d.rule, formulas=self.tensor_formulas())
         return backend.bind(kernel, d.tensors, d.per_tensor, steps=steps)
+
+    def _check_lr_sources(self, sources: Sequence) -> None:
+        """Raise before anything runs unless each of `sources` is None or a device lr that the
+        captured kernels of its group can read."""
+        if len(sources) > len(self.param_groups):
+            raise ValueError(f"{len(sources)} lr sources for {len(self.param_groups)} groups")
+        backend = self._chosen_backend()
+        for index, source in enumerate(sources):
+            if source is None:
+                continue
+            where = f"param group {index}: the device lr"
+            if backend is None or not self._captures(backend):
+                raise ValueError(f"{where} is read only by capturable steps on the CUDA backend "
+                                 f"(capturable={self.capturable}, backend "
+                                 f"{self.backend!r}): pass a number instead")
+            if not arrays.is_array(source):
+                raise ValueError(f"{where} must be an array, got {arrays.type_name(source)}")
+            if arrays.numel(source) != 1 or arrays.dtype(source) is not DType.F32:
+                raise ValueError(f"{where} must be one float32 element, got "
+                                 f"{arrays.numel(source)} of {arrays.dtype(source)}")
+            devices = {arrays.device(_array(p)) for p in self.param_groups[index]["params"]}
+            if {arrays.device(source)} != devices:
+                raise ValueError(f"{where} is on {arrays.device(source)}, the parameters on "
+                                 f"{', '.join(sorted(devices))}")
 
     def _device_step_counts(self, b: _Batch):
         """A captured batch's counts: each state["step"] becomes a 0-d view of the device array

@@ -148,5 +148,10 @@ class Backend(abc.ABC):
     def bind(self, kernel: object, tensors: list[tuple], per_tensor: np.ndarray) -> Launch:
         """A launch of `kernel` over `tensors` (contiguous arrays, in slot order)."""
 
+    def settle(self) -> None:
+        """Wait until the launches queued so far are done (for backends that run them
+        asynchronously; the host backends have nothing to wait for)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

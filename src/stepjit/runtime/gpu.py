@@ -15,7 +15,8 @@ tensors, CuPy's for CuPy arrays) and never wait for the device: every device ope
 launch, the upload of its tables included, is queued on that stream, and a launch that moves to
 another stream first makes the new one wait for the old (`CUDALaunch`). Host-to-device copies
 happen only when a table is (re)built or re-pointed and when the optimizer edits a per-tensor
-value (the `first` flag after a tensor's first step), from pinned memory, asynchronously.
+value (the `first` flag after a tensor's first step, Adam's bias corrections every step), from
+pinned memory, asynchronously; a capturable launch computes its per-tensor values on the device.
 """
 
 from __future__ import annotations
@@ -383,12 +384,13 @@ class CUDABackend(Backend):
         self.arch = pick_arch(cp.cuda.Device(device).compute_capability, supported_archs())
         self._kernels: dict[str, CUDAKernel] = {}
         self._lock = threading.Lock()
+        self._order = _Order()  # the stream of the last launch on this device
 
     def compile(self, rule: UpdateRule, formulas: dict | None = None) -> CUDAKernel:
         """The kernels of `rule`; with `formulas` (the optimizer's `tensor_formulas()`), its
         capturable variant, which computes the per-tensor values and counts steps itself."""
-        key = (rule.key, None if formulas is None else
-               tuple(sorted((name, repr(e)) for name, e in formulas.items())))
+        # Exprs are interned: equal formulas are the same objects
+        key = (rule.key, None if formulas is None else tuple(sorted(formulas.items())))
         with self._lock:
             kernel = self._kernels.get(key)
             if kernel is not None:
@@ -422,7 +424,13 @@ class CUDABackend(Backend):
              steps=None) -> Launch:
         """A launch of `kernel`; for a capturable kernel, `steps` is the device array (float32,
         one per tensor) of step counts its kernels advance."""
-        return CUDALaunch(kernel, tensors, per_tensor, steps)
+        return CUDALaunch(kernel, tensors, per_tensor, steps, self._order)
+
+    def settle(self) -> None:
+        """Wait on the host for the kernels queued by this device's last launch (a rebuild reads
+        device step counts back)."""
+        if self._order.last is not None:
+            self._order.last.synchronize()
 
 
 def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
@@ -434,6 +442,17 @@ def _dump(directory: Path, rule: UpdateRule, source: str, arch: str) -> None:
     for stage, suffix in BACKENDS["cuda"].stages.items():
         (directory / f"{rule.name}{suffix}").write_text(stages[stage])
 
+
+class _Order:
+    """The stream of the last launch on one device: a new launch (a rebuilt table) starts
+    ordered after it, as a moved launch is after its own last stream."""
+
+    last: object | None = None
+
+
+_CAPTURED: list = []
+"""Every launch (and device lr) a CUDA graph captured: the graph holds their addresses, so they
+live as long as the process (a graph may replay after its optimizer rebuilt its tables)."""
 
 _IN_FLIGHT: list[tuple[object, object]] = []
 """Pinned staging buffers of copies the device may not have read yet, with their events:
@@ -524,7 +543,7 @@ class CUDALaunch(Launch):
     """
 
     def __init__(self, kernel: CUDAKernel, tensors: list[tuple], per_tensor: np.ndarray,
-                 steps=None) -> None:
+                 steps=None, order: _Order | None = None) -> None:
         cp = _cupy()
         _check_tensors(kernel, tensors)
         info = kernel.info
@@ -553,7 +572,8 @@ class CUDALaunch(Launch):
         n = len(tensors)
         self._home, _ = self._stream()
         self._streams = {self._home.ptr: self._home}  # every stream this launch ran on
-        self._last = self._home
+        self._order = order or _Order()
+        self._last = self._order.last or self._home
         with cp.cuda.Device(kernel.device), self._home:  # memory from the home stream's pool
             ptrs = cp.empty(tables.ptrs.shape, np.uint64)
             numel = cp.empty(tables.numel.shape, np.int64)
@@ -566,6 +586,10 @@ class CUDALaunch(Launch):
         self._pending = [(numel, tables.numel), (chunks[: self.n_chunks], tables.chunks)]
         self._uploaded_ptrs: bytes | None = None
         self._uploaded: bytes | None = None
+        # where a captured step copies the address table from: written once per capture and
+        # never reused, since every replay copies it again
+        self._capture_staging = (cp.cuda.alloc_pinned_memory(max(1, tables.ptrs.nbytes))
+                                 if info.capturable else None)
         self._pack = scalar_types(self.rule.scalars)
         self._grid = (self.n_chunks,)
         self._block = (info.block,)
@@ -650,19 +674,31 @@ class CUDALaunch(Launch):
         args = self._tables + ((self._lr,) if info.capturable else ()) + values
         cp = _cupy()
         stream, torch_stream = self._stream()
+        capturing = stream.is_capturing()
+        if capturing:
+            self._check_capture()
         with contextlib.ExitStack() as scope:
             if cp.cuda.runtime.getDevice() != self.kernel.device:
                 scope.enter_context(cp.cuda.Device(self.kernel.device))
             if stream.ptr != self._last.ptr:
                 self._switch(stream, torch_stream)
+            self._order.last = stream
             scope.enter_context(stream)
             for dst, src in self._pending:
                 upload(dst, src, stream)
             self._pending = []
             addresses = self._ptrs.tobytes()
             if addresses != self._uploaded_ptrs:
-                upload(self._tables[0], self._ptrs, stream)
-                self._uploaded_ptrs = addresses
+                if capturing:  # torch's recipe: backward made the gradients in the graph's pool
+                    staging = np.frombuffer(self._capture_staging, np.uint8, len(addresses))
+                    staging[...] = np.frombuffer(addresses, np.uint8)
+                    self._tables[0].data.copy_from_host_async(
+                        ctypes.c_void_p(staging.ctypes.data), len(addresses), stream)
+                    self._uploaded_ptrs = None  # the graph's copy is not run now: eager steps
+                    #                             upload the table again
+                else:
+                    upload(self._tables[0], self._ptrs, stream)
+                    self._uploaded_ptrs = addresses
             self._sync_per_tensor(stream)
             if self.kernel.prepare is not None:
                 n = len(self.held)
@@ -673,11 +709,28 @@ class CUDALaunch(Launch):
             for function in self.kernel.functions if self.n_chunks else ():
                 function(self._grid, self._block, args)
 
+    def _check_capture(self) -> None:
+        """Raise unless this call can be captured in a CUDA graph, and keep what the graph will
+        read alive."""
+        if not self.kernel.info.capturable:
+            raise RuntimeError(
+                f"{self.rule.name}: a step captured in a CUDA graph needs capturable=True (step "
+                "counts, per-tensor values and a tensor lr then live on the device; otherwise "
+                "every replay would repeat the captured step's)")
+        if self._pending:
+            raise RuntimeError(
+                f"{self.rule.name}: the first step of new tables uploads them, which a captured "
+                "step cannot do: run a step before capturing (torch's warm-up)")
+        if not any(entry[0] is self and entry[1] is self._lr_source for entry in _CAPTURED):
+            _CAPTURED.append((self, self._lr_source))
+
     def __del__(self) -> None:
         # The tables go back to the home stream's pool: order their reuse there after the
         # kernels queued on every other stream (nothing to do when the process is exiting).
         try:
             cp = _cupy()
+            if self._home.is_capturing():
+                return
             for stream in self._streams.values():
                 if stream.ptr != self._home.ptr and not stream.is_capturing():
                     event = cp.cuda.Event(block=False, disable_timing=True)
