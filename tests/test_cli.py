@@ -177,6 +177,15 @@ def test_dump_every_llvm_stage_of_every_configuration(capsys, config):
     assert set(symbols) <= labels
 
 
+def test_dump_state_dtype_shows_the_compact_rule(capsys):
+    code, out, _ = run(capsys, "dump", "--optimizer", "adam", "--state-dtype", "bfloat16")
+    assert code == 0
+    assert "exp_avg: bfloat16 inout, exp_avg_sq: bfloat16 inout" in out.splitlines()[0]
+    assert "= cast %" in out and ": bfloat16" in out  # stored rounded, loaded widened
+    code, _, err = run(capsys, "dump", "--state-dtype", "int8")
+    assert code == 2 and "invalid choice: 'int8'" in err
+
+
 def test_dump_out_writes_one_file_per_stage_named_by_configuration(capsys, tmp_path):
     code, out, err = run(capsys, "dump", "--momentum", "0.9", "--nesterov", "--dtype", "bfloat16",
                          "--stage", "all", "--out", str(tmp_path / "k"))

@@ -26,6 +26,7 @@ from stepjit.ir import (
     minimum,
     per_tensor,
     scalar,
+    stored_as,
     tensor,
     where,
 )
@@ -83,7 +84,15 @@ PINNED = [
     sgd_rule(False, False, False, False, F32, F32),
     sgd_rule(True, False, True, True, F32, F32),
 ]
-PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [
+# compact state (`state_dtype="bfloat16"`): per optimizer, its largest elementwise rule with
+# float32 state, the state kept in bfloat16 (`stored_as`: loads widened, stores rounded)
+STORED = {}
+for _c in sorted(CASES, key=lambda c: len(c.rule.nodes)):
+    _state = [s.name for s in _c.rule.slots[2:] if s.dtype is F32]
+    if _state and not _c.rule.reductions:
+        STORED[_c.optimizer] = (_c, stored_as(_c.rule, dict.fromkeys(_state, BF16),
+                                              f"{_c.rule.name}_state_bfloat16"))
+PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [r for _, r in STORED.values()] + [
     _accumulate_rule(F32, BF16),
     _accumulate_rule(F64, F32),
     _accumulate_rule(F32, F16),
@@ -159,6 +168,7 @@ def libs(tmp_path_factory):
 # kernel arguments: an optimizer rule's come from its configuration (`registry.example_scalars`;
 # the rules above, and every structure in every dtype), a hand-written rule's from OWN_SCALARS
 SCALARS = {c.rule.key: dict(c.scalars) for c in [*optimizer_cases(), *CASES]}
+SCALARS.update({r.key: dict(c.scalars) for c, r in STORED.values()})
 OWN_SCALARS = {"a": 0.75, "s": -1.5}
 # per-tensor values of the hand-written rules; any other (an optimizer's `tensor_values`: bias
 # corrections, a decayed learning rate) comes from the host: positive, differing per tensor

@@ -51,7 +51,8 @@ _TORCH_FLAGS = {"foreach": None, "fused": None, "maximize": False, "capturable":
 _DRAGON_NEUTRAL = {"scale": 1, "clip_norm": 0, "lr_mult": 1, "decay_mult": 1}
 """stepjit's hyperparameters that torch's optimizers lack, at the values that change nothing."""
 
-_FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None}
+_FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None,
+                   "state_dtype": None}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -91,6 +92,7 @@ class Optimizer(torch.optim.Optimizer):
         self.bucket_cap_bytes = int(face["bucket_cap_mb"] * 2**20)
         self._requested_backend = face["backend"]
         self._capturable = bool(values["capturable"])
+        self._state_dtype = face["state_dtype"]
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
         self._not_dense = self._find_not_dense()
@@ -117,7 +119,8 @@ class Optimizer(torch.optim.Optimizer):
     def _new_engine(self) -> _optim.Optimizer:
         return self.engine.over(_with_numbers(self.param_groups), self.state,
                                 backend=self._requested_backend, step_count=torch.from_numpy,
-                                capturable=self.__dict__.get("_capturable", False))
+                                capturable=self.__dict__.get("_capturable", False),
+                                state_dtype=self.__dict__.get("_state_dtype"))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # torch's checks and defaults
@@ -134,7 +137,8 @@ class Optimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "process_group": self.process_group,
                 "bucket_cap_bytes": self.bucket_cap_bytes,
                 "_requested_backend": self._requested_backend,
-                "_capturable": self.__dict__.get("_capturable", False)}
+                "_capturable": self.__dict__.get("_capturable", False),
+                "_state_dtype": self.__dict__.get("_state_dtype")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ..optim import OPTIMIZERS, registry
+from ..optim.optimizer import STATE_DTYPES
 from ..runtime.select import BACKENDS
 from .args import UsageError, checked, optimizer_class
 
@@ -33,7 +34,8 @@ STAGES = tuple(SUFFIX)
 DEFAULT_ARCH = "sm_75"
 DEFAULT_OPTIMIZER = "sgd"
 # dump's own options: a hyperparameter of the same name cannot be given on the command line
-RESERVED = frozenset({"optimizer", "dtype", "grad_dtype", "backend", "stage", "arch", "out",
+RESERVED = frozenset({"optimizer", "dtype", "grad_dtype", "state_dtype", "backend", "stage",
+                      "arch", "out",
                       "help", "func", "command", "hyperparameters"})
 
 
@@ -142,7 +144,8 @@ def configured_rule(args: argparse.Namespace) -> UpdateRule:
             raise UsageError(f"{option} does not apply to {args.optimizer}")
         hyper[name] = tuple(value) if isinstance(value, list) else value
     # built on the reference backend: checking the flags compiles nothing
-    return registry.rule_for(cls, args.dtype, grad_dtype=args.grad_dtype, **hyper)
+    return registry.rule_for(cls, args.dtype, grad_dtype=args.grad_dtype,
+                             state_dtype=args.state_dtype, **hyper)
 
 
 def _import_cuda(module: str, what: str) -> ModuleType:
@@ -256,6 +259,8 @@ def add_parser(commands, user: tuple[str, type] | None = None) -> argparse.Argum
                       help="parameter dtype (default: float32)")
     dump.add_argument("--grad-dtype", choices=DTYPES, default=None,
                       help="gradient dtype (default: the parameter dtype)")
+    dump.add_argument("--state-dtype", choices=tuple(STATE_DTYPES), default=None,
+                      help="how state buffers are stored (default: the compute type)")
     dump.add_argument("--backend", choices=DUMP_BACKENDS, default=None,
                       help="llvm (CPU) or cuda; default: the backend of --stage, else llvm")
     dump.add_argument("--stage", choices=(*STAGES, "all"), default=None,

@@ -22,7 +22,7 @@ from .expr import (
 )
 from .interp import evaluate
 from .ops import OPS, Op, OpInfo
-from .rule import Slot, UpdateRule
+from .rule import Slot, UpdateRule, stored_as
 
 __all__ = [
     "DType",
@@ -32,6 +32,7 @@ __all__ = [
     "OpInfo",
     "Slot",
     "UpdateRule",
+    "stored_as",
     "apply",
     "const",
     "evaluate",

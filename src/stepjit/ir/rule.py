@@ -139,3 +139,26 @@ def _toposort(roots: Sequence[Expr]) -> tuple[Expr, ...]:
             stack.append((node, True))
             stack.extend((s, False) for s in reversed(node.src) if id(s) not in done)
     return tuple(order)
+
+
+def stored_as(rule: UpdateRule, dtypes: Mapping[str, DType], name: str) -> UpdateRule:
+    """`rule` with the slots named in `dtypes` kept in those dtypes instead: each load is
+    converted to the dtype the rule computes it in, and each output rounded to the storage
+    dtype (to nearest even) as it is stored. The arithmetic is unchanged; only what memory
+    holds is (compact optimizer state). `name` names the new rule."""
+    by_name = {s.name: s for s in rule.slots}
+    unknown = sorted(set(dtypes) - set(by_name))
+    if unknown:
+        raise ValueError(f"rule {rule.name} has no slot {', '.join(unknown)}")
+    done: dict[int, Expr] = {}
+    for node in rule.nodes:  # operands first: each node rebuilt over rebuilt operands
+        if node.op is Op.TENSOR and node.arg in dtypes:
+            new = Expr(Op.TENSOR, dtypes[node.arg], arg=node.arg).cast(node.dtype)
+        elif node.op in LEAVES:
+            new = node
+        else:
+            new = Expr(node.op, node.dtype, tuple(done[id(s)] for s in node.src), node.arg)
+        done[id(node)] = new
+    slots = [Slot(s.name, dtypes.get(s.name, s.dtype), s.written, s.init) for s in rule.slots]
+    outputs = {slot: done[id(e)].cast(dtypes.get(slot, e.dtype)) for slot, e in rule.outputs}
+    return UpdateRule(name, slots, outputs)

@@ -127,6 +127,8 @@ class Adam(Optimizer):
         backend: "llvm", "cuda" or "reference"; default: where the parameters live.
         capturable: on CUDA, keep step counts and per-tensor values on the device so that a
             step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
+        state_dtype: how state buffers are stored: None (the compute type), "float32" or
+            "bfloat16" (half the memory; the math stays in the compute type).
 
     Example:
         >>> import numpy as np, stepjit
@@ -154,12 +156,14 @@ class Adam(Optimizer):
         clip_norm: float = 0,
         backend: str | None = None,
         capturable: bool = False,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, scale=scale, clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend, capturable=capturable)
+        super().__init__(params, defaults, backend=backend, capturable=capturable,
+                         state_dtype=state_dtype)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])
@@ -241,8 +245,10 @@ class AdamW(Adam):
         clip_norm: float = 0,
         backend: str | None = None,
         capturable: bool = False,
+        state_dtype: str | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True,
             scale=scale, clip_norm=clip_norm, backend=backend, capturable=capturable,
+            state_dtype=state_dtype,
         )

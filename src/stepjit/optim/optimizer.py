@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import parameter as _parameter
-from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, tensor, where
+from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, stored_as, tensor, where
 from ..ir.ops import Op
 from ..parameter import Parameter
 from ..runtime import arrays
@@ -197,8 +197,8 @@ class Optimizer:
     """Base class of every stepjit optimizer (see the module docstring for the subclass API)."""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None,
-                 capturable: bool = False) -> None:
-        self._setup(defaults, [], {}, backend, capturable)
+                 capturable: bool = False, state_dtype: str | None = None) -> None:
+        self._setup(defaults, [], {}, backend, capturable, state_dtype)
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
             raise TypeError(
                 "params must be an iterable of Parameters or of param-group dicts, "
@@ -213,7 +213,7 @@ class Optimizer:
         self._backend = self._select_backend()
 
     def _setup(self, defaults: dict, param_groups: list, state: dict, backend,
-               capturable: bool = False) -> None:
+               capturable: bool = False, state_dtype: str | None = None) -> None:
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -234,10 +234,11 @@ class Optimizer:
         self._fast: _FastStep | None = None  # the steady state's step in one native call
         self._built = 0  # plans stored so far: the key of `_written_spans`
         self._written: tuple | None = None
+        self._keep_state_as(state_dtype)
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
-             step_count=None, capturable: bool = False):
+             step_count=None, capturable: bool = False, state_dtype: str | None = None):
         """An optimizer that works on existing `param_groups` and `state` containers, shared,
         not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
 
@@ -247,7 +248,7 @@ class Optimizer:
         the optimizer updates in place) into what `state[p]["step"]` holds (torch: a tensor
         sharing its memory)."""
         self = cls.__new__(cls)
-        self._setup({}, param_groups, state, backend, capturable)
+        self._setup({}, param_groups, state, backend, capturable, state_dtype)
         self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
@@ -789,7 +790,8 @@ class Optimizer:
             else:
                 rule = self._rules.get((structure, pd, gd))
                 if rule is None:  # trace once per structure: rebuilds of the table reuse it
-                    rule = self._rules[(structure, pd, gd)] = self.rule(structure, pd, gd)
+                    rule = self._rules[(structure, pd, gd)] = self._stored(
+                        self.rule(structure, pd, gd))
             drafts.append(self._draft_batch(kind, index, rule, items, pending))
         return drafts
 
@@ -843,6 +845,22 @@ class Optimizer:
                 start, end = known.get(slot.name) or arrays.byte_span(a)
                 d.spans.append((start, end, slot.written, where_, slot.name))
         return d
+
+    def _keep_state_as(self, state_dtype: str | None) -> None:
+        """Store state buffers in `state_dtype` from the next table built: None (the compute
+        type), "float32" or "bfloat16" (see `STATE_DTYPES`)."""
+        self._storage = _state_storage(state_dtype)
+        self.state_dtype = state_dtype
+        self._rules = {}
+        self._state_gen += 1
+
+    def _stored(self, rule: UpdateRule) -> UpdateRule:
+        """`rule` with its state buffers kept in `state_dtype` (the arithmetic unchanged)."""
+        storage = self._storage
+        dtypes = {s.name: storage for s in rule.slots[2:] if storage not in (None, s.dtype)}
+        if not dtypes:
+            return rule
+        return stored_as(rule, dtypes, f"{rule.name}_state_{storage}")
 
     def _captures(self, backend: Backend) -> bool:
         """Whether steps keep their counts and per-tensor values on the device (capturable)."""
@@ -1072,6 +1090,20 @@ class _ParamList(list):
                   "insert", "pop", "remove", "clear", "sort", "reverse"):
         locals()[_name] = _edited(_name)
     del _name, _edited
+
+
+STATE_DTYPES = {"float32": DType.F32, "bfloat16": DType.BF16}
+"""How state buffers may be stored (`state_dtype=`); None keeps them in the compute type."""
+
+
+def _state_storage(state_dtype) -> DType | None:
+    if state_dtype is None:
+        return None
+    found = STATE_DTYPES.get(state_dtype) if isinstance(state_dtype, str) else None
+    if found is None:
+        raise ValueError(f"unknown state_dtype {state_dtype!r}: choose None (the compute type), "
+                         f"{', '.join(map(repr, STATE_DTYPES))}")
+    return found
 
 
 def _is_integer(x) -> bool:

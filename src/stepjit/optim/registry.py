@@ -27,7 +27,7 @@ from .optimizer import Optimizer, required
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 """Every built-in optimizer by its lower-case name."""
 
-_NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable")
+_NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable", "state_dtype")
 
 
 def register(name: str):
@@ -93,17 +93,20 @@ def configure(cls: type[Optimizer], param_dtype: str = "float32", **values) -> O
 
 
 def rule_for(
-    name: str | type, dtype: str, *, grad_dtype: str | None = None, **hyperparameters
+    name: str | type, dtype: str, *, grad_dtype: str | None = None,
+    state_dtype: str | None = None, **hyperparameters
 ) -> UpdateRule:
     """The update rule optimizer `name` (see `resolve`) uses for `dtype` parameters (and
-    `grad_dtype` gradients, default `dtype`) under `hyperparameters` (its constructor's keyword
-    arguments, checked as the optimizer checks them). Nothing is compiled."""
+    `grad_dtype` gradients, default `dtype`, state buffers kept in `state_dtype`) under
+    `hyperparameters` (its constructor's keyword arguments, checked as the optimizer checks
+    them). Nothing is compiled."""
     cls = resolve(name)
     param_dtype, grad = DType(dtype), DType(grad_dtype or dtype)
     if not param_dtype.is_float or not grad.is_float:
         raise ValueError(f"rule_for needs float dtypes, got {dtype!r} and {grad_dtype!r}")
     opt = configure(cls, dtype, **hyperparameters)
-    return opt.rule(opt.structure(opt.param_groups[0]), param_dtype, grad)
+    opt._keep_state_as(state_dtype)
+    return opt._stored(opt.rule(opt.structure(opt.param_groups[0]), param_dtype, grad))
 
 
 def structures(cls: type[Optimizer]) -> list[dict]:

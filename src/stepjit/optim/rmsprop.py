@@ -98,6 +98,8 @@ class RMSprop(Optimizer):
         backend: "llvm", "cuda" or "reference"; default: where the parameters live.
         capturable: on CUDA, keep step counts and per-tensor values on the device so that a
             step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
+        state_dtype: how state buffers are stored: None (the compute type), "float32" or
+            "bfloat16" (half the memory; the math stays in the compute type).
 
     Example:
         >>> import numpy as np, stepjit
@@ -125,12 +127,14 @@ class RMSprop(Optimizer):
         clip_norm: float = 0,
         backend: str | None = None,
         capturable: bool = False,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
             centered=centered, scale=scale, clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend, capturable=capturable)
+        super().__init__(params, defaults, backend=backend, capturable=capturable,
+                         state_dtype=state_dtype)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

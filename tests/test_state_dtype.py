@@ -1,0 +1,164 @@
+"""`state_dtype=`: state buffers kept in another dtype than the one the update computes in.
+
+The rule is rewritten once (`stepjit.ir.stored_as`): each state load converted to the compute
+type, each stored value rounded to the storage type. So every optimizer, a user's included,
+gets compact state from one place, on every backend, and the backends agree bit for bit as they
+do on any rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import stepjit
+from stepjit.ir import DType, Slot, UpdateRule, evaluate, scalar, stored_as, tensor
+from stepjit.optim import registry
+
+pytest.importorskip("ml_dtypes", reason="bfloat16 numpy arrays need ml_dtypes")
+BF16 = DType.BF16.to_numpy()
+NAMES = sorted(registry.OPTIMIZERS)
+
+
+def _config(name: str) -> dict:
+    """The optimizer's largest structure (the most terms on), with an lr."""
+    cls = registry.OPTIMIZERS[name]
+    config = max(registry.structures(cls), key=lambda c: sum(bool(v) for v in c.values()))
+    if "lr" in registry.hyperparameters(cls):
+        config.setdefault("lr", 0.01)
+    return config
+
+
+def _run(name, config, backend, state_dtype, steps=4, seed=0, sizes=((5, 3), (300,))):
+    rng = np.random.default_rng(seed)
+    params = [stepjit.Parameter(rng.standard_normal(s).astype(np.float32)) for s in sizes]
+    opt = registry.OPTIMIZERS[name](params, backend=backend, state_dtype=state_dtype, **config)
+    for _ in range(steps):
+        for p in params:
+            p.grad = rng.standard_normal(p.shape).astype(np.float32)
+        opt.step()
+    return opt, params
+
+
+def test_stored_as_rounds_what_is_stored_and_computes_as_before():
+    x, m = tensor("x", DType.F32), tensor("m", DType.F32)
+    new_m = m * scalar("mu", DType.F32) + x
+    rule = UpdateRule("r", [Slot("x", DType.F32, True), Slot("m", DType.F32, True)],
+                      {"m": new_m, "x": x - new_m})
+    compact = stored_as(rule, {"m": DType.BF16}, "r_state_bfloat16")
+    assert compact.slot("m").dtype is DType.BF16 and compact.slot("x").dtype is DType.F32
+    xs = np.array([0.1, -3.0, 1e-3], np.float32)
+    ms = np.array([1.0 + 2**-10, 2.5, -7.0], np.float32)
+    out = evaluate(compact, {"x": xs, "m": ms.astype(BF16)}, {"mu": 0.9}, {})
+    m32 = ms.astype(BF16).astype(np.float32) * np.float32(0.9) + xs  # from the stored value
+    np.testing.assert_array_equal(out["m"], m32.astype(BF16))  # rounded once, to nearest
+    np.testing.assert_array_equal(out["x"], xs - m32)  # the update used the unrounded value
+    with pytest.raises(ValueError, match="has no slot nope"):
+        stored_as(rule, {"nope": DType.BF16}, "r2")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_keeps_bfloat16_state_and_the_backends_agree(name):
+    config = _config(name)
+    opt, params = _run(name, config, "llvm", "bfloat16")
+    ref_opt, ref = _run(name, config, "reference", "bfloat16")
+    buffers = {k: v for st in opt.state.values() for k, v in st.items() if k != "step"}
+    assert buffers and all(v.dtype == BF16 for v in buffers.values())
+    exact = not any(b.launch.rule.reductions for plan in opt._plans.values()
+                    for b in plan.batches)
+    for p, r in zip(params, ref, strict=True):
+        if exact:  # the same rule on both backends: the same bits
+            np.testing.assert_array_equal(p.data, r.data)
+        else:
+            np.testing.assert_allclose(p.data, r.data, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_state_follows_the_float32_trajectory_closely(name):
+    config = _config(name)
+    _, compact = _run(name, config, "llvm", "bfloat16", steps=10)
+    _, full = _run(name, config, "llvm", None, steps=10)
+    for p, f in zip(compact, full, strict=True):
+        start = _run(name, config, "llvm", None, steps=0)[1]
+        moved = np.abs(f.data - start[compact.index(p)].data).max()
+        # bfloat16 keeps 8 significant bits: the state's rounding moves the trajectory by a
+        # small fraction of how far the parameters travelled
+        assert np.abs(p.data - f.data).max() <= 0.05 * moved + 1e-7
+
+
+def test_a_least_squares_fit_with_bfloat16_state_reaches_the_same_loss():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((256, 32)).astype(np.float32)
+    b = a @ rng.standard_normal(32).astype(np.float32) + 0.01 * rng.standard_normal(256)
+    losses = {}
+    for state_dtype in (None, "bfloat16"):
+        w = stepjit.Parameter(np.zeros(32, np.float32))
+        opt = stepjit.optim.AdamW([w], lr=0.05, state_dtype=state_dtype)
+        for _ in range(300):
+            residual = a @ w.data - b
+            w.grad = (a.T @ residual / len(b)).astype(np.float32)
+            opt.step()
+        losses[state_dtype] = float(np.mean((a @ w.data - b) ** 2))
+    start = float(np.mean(b**2))
+    # within 2 % of the float32 state's progress (near the noise floor, round-to-nearest
+    # bfloat16 moments make the last steps noisier: the final losses differ by more than that)
+    assert start - losses["bfloat16"] >= 0.98 * (start - losses[None])
+
+
+def test_the_storage_type_is_structural_and_compiled_once():
+    stepjit.reset_cache_info()
+    _run("adamw", {"lr": 0.01}, "llvm", "bfloat16", steps=2)
+    first = stepjit.cache_info()
+    _run("adamw", {"lr": 0.02}, "llvm", "bfloat16", steps=2, seed=1)
+    again = stepjit.cache_info()
+    assert again.compiles == first.compiles and again.disk_hits == first.disk_hits
+    opt, _ = _run("adamw", {"lr": 0.01}, "llvm", None, steps=1)
+    rules = {b.launch.rule.name for plan in opt._plans.values() for b in plan.batches}
+    assert rules == {"adamw_float32_float32"}  # float32 state: the rule as it was
+
+
+def test_checkpoints_convert_between_storage_types():
+    opt, params = _run("adam", {"lr": 0.01}, "llvm", None, steps=3)
+    saved = opt.state_dict()
+    compact = stepjit.optim.Adam(params, lr=0.01, state_dtype="bfloat16")
+    compact.load_state_dict(saved)  # float32 buffers: rounded to bfloat16 at the next step
+    for p in params:
+        p.grad = np.zeros(p.shape, np.float32)
+    compact.step()
+    for i, p in enumerate(params):
+        st = compact.state[p]
+        assert st["exp_avg"].dtype == BF16 and float(st["step"]) == 4.0
+        m = saved["state"][i]["exp_avg"].astype(BF16).astype(np.float32)  # as loaded
+        want = (m + np.float32(1.0 - 0.9) * (np.float32(0.0) - m)).astype(BF16)  # one step, g=0
+        np.testing.assert_array_equal(st["exp_avg"], want)
+    back = stepjit.optim.Adam(params, lr=0.01)
+    back.load_state_dict(compact.state_dict())  # and back to the compute type
+    back.step()
+    assert all(back.state[p]["exp_avg"].dtype == np.float32 for p in params)
+
+
+def test_the_torch_face_keeps_bfloat16_state_that_torch_can_load():
+    torch = pytest.importorskip("torch")
+    import stepjit.torch as st
+
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = st.AdamW([p], lr=0.1, state_dtype="bfloat16")
+    p.grad = torch.ones(5)
+    opt.step()
+    state = opt.state_dict()["state"][0]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["step"].dtype == torch.float32
+    twin = torch.optim.AdamW([torch.nn.Parameter(torch.ones(5))], lr=0.1)
+    twin.load_state_dict(opt.state_dict())  # torch casts the buffers to the parameter's dtype
+    assert twin.state_dict()["state"][0]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["int4", "float16", 8, "BFloat16"])
+def test_an_unknown_state_dtype_is_named(bad):
+    w = stepjit.Parameter(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=f"unknown state_dtype {bad!r}"):
+        stepjit.optim.SGD([w], lr=0.1, momentum=0.9, state_dtype=bad)
+    torch = pytest.importorskip("torch")
+    import stepjit.torch as st
+
+    with pytest.raises(ValueError, match=f"unknown state_dtype {bad!r}"):
+        st.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, state_dtype=bad)
