@@ -29,6 +29,7 @@ from stepjit.ir import (
     stored_as,
     tensor,
     where,
+    with_master,
 )
 from stepjit.optim import OPTIMIZERS, registry
 from stepjit.optim.adagrad import adagrad_rule
@@ -92,6 +93,10 @@ for _c in sorted(CASES, key=lambda c: len(c.rule.nodes)):
     if _state and not _c.rule.reductions:
         STORED[_c.optimizer] = (_c, stored_as(_c.rule, dict.fromkeys(_state, BF16),
                                               f"{_c.rule.name}_state_bfloat16"))
+# master weights: per optimizer, an elementwise rule of half parameters with its float32 copy
+for _c in CASES:
+    if _c.rule.slot("param").dtype.is_half and not _c.rule.reductions:
+        STORED[f"{_c.optimizer} master"] = (_c, with_master(_c.rule))
 PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [r for _, r in STORED.values()] + [
     _accumulate_rule(F32, BF16),
     _accumulate_rule(F64, F32),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import stepjit
-from stepjit.ir import DType, Slot, UpdateRule, evaluate, scalar, stored_as, tensor
+from stepjit.ir import DType, Slot, UpdateRule, evaluate, scalar, stored_as, tensor, with_master
 from stepjit.optim import registry
 
 pytest.importorskip("ml_dtypes", reason="bfloat16 numpy arrays need ml_dtypes")
@@ -162,3 +162,115 @@ def test_an_unknown_state_dtype_is_named(bad):
 
     with pytest.raises(ValueError, match=f"unknown state_dtype {bad!r}"):
         st.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, state_dtype=bad)
+
+
+# -- master weights ----------------------------------------------------------------------------
+def test_with_master_reads_and_writes_the_copy():
+    rule = stepjit.optim.rule_for("sgd", "bfloat16", lr=0.1, momentum=0.9)
+    master_rule = with_master(rule)
+    assert master_rule.slot("master").dtype is DType.F32 and master_rule.slot("master").init \
+        == "param"
+    master = np.array([1.0, 1.0 + 2**-12, -3.0], np.float32)  # between bfloat16 values
+    views = {"param": master.astype(BF16), "grad": np.ones(3, BF16),
+             "momentum_buffer": np.zeros(3, np.float32), "master": master}
+    out = evaluate(master_rule, views, {"lr": 1e-3, "momentum": 0.9, "dampening": 0.0,
+                                        "scale": 1.0}, {"first": True})
+    want = master - np.float32(1e-3) * np.float32(1.0)
+    np.testing.assert_array_equal(out["master"], want)  # from the copy, not the rounded param
+    np.testing.assert_array_equal(out["param"], want.astype(BF16))
+    with pytest.raises(ValueError, match="for half parameters"):
+        with_master(stepjit.optim.rule_for("sgd", "float32", lr=0.1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_master_weights_train_as_float32_parameters_do(name):
+    # the master copy follows the float32 trajectory bit for bit; the parameter is its rounding
+    config = _config(name)
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(s).astype(BF16) for s in ((5, 3), (300,))]
+    grads = [[rng.standard_normal(s.shape).astype(BF16) for s in start] for _ in range(5)]
+    cls = registry.OPTIMIZERS[name]
+    half = [stepjit.Parameter(s.copy()) for s in start]
+    full = [stepjit.Parameter(s.astype(np.float32)) for s in start]
+    opt_half = cls(half, backend="llvm", master_weights=True, **config)
+    opt_full = cls(full, backend="llvm", **config)
+    for step in grads:
+        for h, f, g in zip(half, full, step, strict=True):
+            h.grad, f.grad = g, g.astype(np.float32)
+        opt_half.step()
+        opt_full.step()
+    for h, f in zip(half, full, strict=True):
+        master = opt_half.state[h]["master"]
+        if not any(b.launch.rule.reductions for plan in opt_half._plans.values()
+                   for b in plan.batches):
+            np.testing.assert_array_equal(master, f.data)
+        else:  # a norm summed over other dtypes' values in another order
+            np.testing.assert_allclose(master, f.data, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(h.data, master.astype(BF16))
+
+
+def test_without_master_weights_small_updates_are_lost_to_rounding():
+    # bfloat16 parameters that round to nearest every step stop moving once lr * g is below
+    # half their spacing: the same fit with a master copy gets measurably further
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((256, 16)).astype(np.float32)
+    b = a @ (4.0 + rng.standard_normal(16)).astype(np.float32)
+    losses = {}
+    for master in (False, True):
+        w = stepjit.Parameter(np.zeros(16, BF16))
+        opt = stepjit.optim.SGD([w], lr=2e-3, momentum=0.9, master_weights=master)
+        for _ in range(400):
+            x = w.data.astype(np.float32)
+            w.grad = (a.T @ (a @ x - b) / len(b)).astype(BF16)
+            opt.step()
+        losses[master] = float(np.mean((a @ w.data.astype(np.float32) - b) ** 2))
+    assert losses[True] < 0.5 * losses[False]
+
+
+def test_master_weights_on_the_torch_face_and_bad_values():
+    torch = pytest.importorskip("torch")
+    import stepjit.torch as st
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = st.SGD([p], lr=2**-12, master_weights=True)
+    for _ in range(3):
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        opt.step()
+    master = opt.state[p]["master"]
+    assert master.dtype == torch.float32
+    torch.testing.assert_close(master, torch.full((4,), 1.0 - 3 * 2**-12), rtol=0, atol=0)
+    assert torch.equal(p.detach(), master.bfloat16())  # still 1.0: below half its spacing
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="master_weights must be a bool"):
+        stepjit.optim.SGD([stepjit.Parameter(np.ones(2, np.float32))], lr=0.1,
+                          master_weights="yes")
+    w = stepjit.Parameter(np.ones(2, np.float32))  # float32 parameters need no copy
+    w.grad = np.ones(2, np.float32)
+    f32 = stepjit.optim.SGD([w], lr=0.1, master_weights=True)
+    f32.step()
+    assert "master" not in f32.state.get(w, {})
+
+
+def test_float32_state_widens_compact_buffers_for_export():
+    opt, params = _run("adamw", {"lr": 0.01}, "llvm", "bfloat16", steps=2)
+    saved = opt.state_dict()
+    wide = stepjit.optim.float32_state(saved)
+    for i in saved["state"]:
+        for name, value in saved["state"][i].items():
+            out = wide["state"][i][name]
+            if name == "step":
+                assert out is value
+            else:
+                assert out.dtype == np.float32
+                np.testing.assert_array_equal(out, value.astype(np.float32))
+    assert wide["param_groups"] is saved["param_groups"]
+    assert saved["state"][0]["exp_avg"].dtype == BF16  # the original is unchanged
+    torch = pytest.importorskip("torch")
+    import stepjit.torch as st
+
+    p = torch.nn.Parameter(torch.ones(3))
+    face = st.Adam([p], lr=0.1, state_dtype="bfloat16")
+    p.grad = torch.ones(3)
+    face.step()
+    state = stepjit.optim.float32_state(face.state_dict())["state"][0]
+    assert state["exp_avg"].dtype == torch.float32 and state["step"].dtype == torch.float32

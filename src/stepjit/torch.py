@@ -52,7 +52,7 @@ _DRAGON_NEUTRAL = {"scale": 1, "clip_norm": 0, "lr_mult": 1, "decay_mult": 1}
 """stepjit's hyperparameters that torch's optimizers lack, at the values that change nothing."""
 
 _FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None,
-                   "state_dtype": None}
+                   "state_dtype": None, "master_weights": False}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -93,6 +93,7 @@ class Optimizer(torch.optim.Optimizer):
         self._requested_backend = face["backend"]
         self._capturable = bool(values["capturable"])
         self._state_dtype = face["state_dtype"]
+        self._master_weights = face["master_weights"]
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
         self._not_dense = self._find_not_dense()
@@ -120,7 +121,8 @@ class Optimizer(torch.optim.Optimizer):
         return self.engine.over(_with_numbers(self.param_groups), self.state,
                                 backend=self._requested_backend, step_count=torch.from_numpy,
                                 capturable=self.__dict__.get("_capturable", False),
-                                state_dtype=self.__dict__.get("_state_dtype"))
+                                state_dtype=self.__dict__.get("_state_dtype"),
+                                master_weights=self.__dict__.get("_master_weights", False))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # torch's checks and defaults
@@ -138,7 +140,8 @@ class Optimizer(torch.optim.Optimizer):
                 "bucket_cap_bytes": self.bucket_cap_bytes,
                 "_requested_backend": self._requested_backend,
                 "_capturable": self.__dict__.get("_capturable", False),
-                "_state_dtype": self.__dict__.get("_state_dtype")}
+                "_state_dtype": self.__dict__.get("_state_dtype"),
+                "_master_weights": self.__dict__.get("_master_weights", False)}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -34,7 +34,8 @@ STAGES = tuple(SUFFIX)
 DEFAULT_ARCH = "sm_75"
 DEFAULT_OPTIMIZER = "sgd"
 # dump's own options: a hyperparameter of the same name cannot be given on the command line
-RESERVED = frozenset({"optimizer", "dtype", "grad_dtype", "state_dtype", "backend", "stage",
+RESERVED = frozenset({"optimizer", "dtype", "grad_dtype", "state_dtype", "master_weights",
+                      "backend", "stage",
                       "arch", "out",
                       "help", "func", "command", "hyperparameters"})
 
@@ -145,7 +146,8 @@ def configured_rule(args: argparse.Namespace) -> UpdateRule:
         hyper[name] = tuple(value) if isinstance(value, list) else value
     # built on the reference backend: checking the flags compiles nothing
     return registry.rule_for(cls, args.dtype, grad_dtype=args.grad_dtype,
-                             state_dtype=args.state_dtype, **hyper)
+                             state_dtype=args.state_dtype, master_weights=args.master_weights,
+                             **hyper)
 
 
 def _import_cuda(module: str, what: str) -> ModuleType:
@@ -261,6 +263,8 @@ def add_parser(commands, user: tuple[str, type] | None = None) -> argparse.Argum
                       help="gradient dtype (default: the parameter dtype)")
     dump.add_argument("--state-dtype", choices=tuple(STATE_DTYPES), default=None,
                       help="how state buffers are stored (default: the compute type)")
+    dump.add_argument("--master-weights", action="store_true",
+                      help="a float32 copy of a half parameter in the state (with a half --dtype)")
     dump.add_argument("--backend", choices=DUMP_BACKENDS, default=None,
                       help="llvm (CPU) or cuda; default: the backend of --stage, else llvm")
     dump.add_argument("--stage", choices=(*STAGES, "all"), default=None,

@@ -22,7 +22,7 @@ from .expr import (
 )
 from .interp import evaluate
 from .ops import OPS, Op, OpInfo
-from .rule import Slot, UpdateRule, stored_as
+from .rule import Slot, UpdateRule, stored_as, with_master
 
 __all__ = [
     "DType",
@@ -33,6 +33,7 @@ __all__ = [
     "Slot",
     "UpdateRule",
     "stored_as",
+    "with_master",
     "apply",
     "const",
     "evaluate",

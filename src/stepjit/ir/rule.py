@@ -26,8 +26,9 @@ class Slot:
     """A tensor the rule reads and/or writes, one element at a time.
 
     `init` is where a state buffer starts (every slot but `param` and `grad` is one): a number,
-    or the name of a group hyperparameter whose value fills it (Adagrad's
-    `initial_accumulator_value`). It never reaches a kernel: buffers are filled when created.
+    the name of a group hyperparameter whose value fills it (Adagrad's
+    `initial_accumulator_value`), or "param": a copy of the parameter's values (a master copy,
+    `with_master`). It never reaches a kernel: buffers are filled when created.
     """
 
     name: str
@@ -162,3 +163,35 @@ def stored_as(rule: UpdateRule, dtypes: Mapping[str, DType], name: str) -> Updat
     slots = [Slot(s.name, dtypes.get(s.name, s.dtype), s.written, s.init) for s in rule.slots]
     outputs = {slot: done[id(e)].cast(dtypes.get(slot, e.dtype)) for slot, e in rule.outputs}
     return UpdateRule(name, slots, outputs)
+
+
+def with_master(rule: UpdateRule, name: str = "master") -> UpdateRule:
+    """`rule` keeping its parameter in a copy of the compute type, slot `name` (a state buffer
+    that starts as the parameter's values): every use of the parameter reads the copy, the copy
+    takes the unrounded new value, and the parameter the same value rounded as before. For half
+    parameters: the update is not lost to the parameter's rounding step after step."""
+    param = rule.slot("param")
+    if not param.dtype.is_half:
+        raise ValueError(f"rule {rule.name}: a master copy is for half parameters, the "
+                         f"parameter is {param.dtype}")
+    compute = param.dtype.compute
+    master = Expr(Op.TENSOR, compute, arg=name)
+    done: dict[int, Expr] = {}
+    for node in rule.nodes:
+        if node.op is Op.TENSOR and node.arg == "param":
+            new = master.cast(param.dtype)  # a direct use of the half value (rare)
+        elif (node.op is Op.CAST and node.dtype is compute and node.src[0].op is Op.TENSOR
+              and node.src[0].arg == "param"):
+            new = master  # the parameter widened: the copy itself
+        elif node.op in LEAVES:
+            new = node
+        else:
+            new = Expr(node.op, node.dtype, tuple(done[id(s)] for s in node.src), node.arg)
+        done[id(node)] = new
+    outputs = {slot: done[id(e)] for slot, e in rule.outputs}
+    final = outputs["param"]
+    unrounded = (final.src[0] if final.op is Op.CAST and final.src[0].dtype is compute
+                 else final.cast(compute))
+    outputs[name] = unrounded
+    slots = [*rule.slots, Slot(name, compute, written=True, init="param")]
+    return UpdateRule(f"{rule.name}_master", slots, outputs)

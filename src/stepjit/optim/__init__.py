@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .optimizer import Optimizer, check_number, required
+from .optimizer import Optimizer, check_number, float32_state, required
 from .registry import OPTIMIZERS, register, resolve, rule_for
 
 for _module in pkgutil.iter_modules(__path__):
@@ -18,5 +18,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
 
-__all__ = ["OPTIMIZERS", "Optimizer", "check_number", "register", "required", "resolve", "rule_for"]
+__all__ = ["OPTIMIZERS", "Optimizer", "check_number", "float32_state", "register", "required",
+           "resolve", "rule_for"]
 __all__ += sorted(cls.__name__ for cls in OPTIMIZERS.values())

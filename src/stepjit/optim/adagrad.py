@@ -66,6 +66,8 @@ class Adagrad(Optimizer):
             step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
         state_dtype: how state buffers are stored: None (the compute type), "float32" or
             "bfloat16" (half the memory; the math stays in the compute type).
+        master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
+            that the update reads and writes; the parameter is its rounding.
 
     Example:
         >>> import numpy as np, stepjit
@@ -95,6 +97,7 @@ class Adagrad(Optimizer):
         backend: str | None = None,
         capturable: bool = False,
         state_dtype: str | None = None,
+        master_weights: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
@@ -102,7 +105,7 @@ class Adagrad(Optimizer):
             clip_norm=clip_norm,
         )
         super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, master_weights=master_weights)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

@@ -129,6 +129,8 @@ class Adam(Optimizer):
             step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
         state_dtype: how state buffers are stored: None (the compute type), "float32" or
             "bfloat16" (half the memory; the math stays in the compute type).
+        master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
+            that the update reads and writes; the parameter is its rounding.
 
     Example:
         >>> import numpy as np, stepjit
@@ -157,13 +159,14 @@ class Adam(Optimizer):
         backend: str | None = None,
         capturable: bool = False,
         state_dtype: str | None = None,
+        master_weights: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, scale=scale, clip_norm=clip_norm,
         )
         super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, master_weights=master_weights)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])
@@ -246,9 +249,10 @@ class AdamW(Adam):
         backend: str | None = None,
         capturable: bool = False,
         state_dtype: str | None = None,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True,
             scale=scale, clip_norm=clip_norm, backend=backend, capturable=capturable,
-            state_dtype=state_dtype,
+            state_dtype=state_dtype, master_weights=master_weights,
         )

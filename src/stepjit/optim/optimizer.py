@@ -33,7 +33,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import parameter as _parameter
-from ..ir import DType, Expr, Slot, UpdateRule, per_tensor, stored_as, tensor, where
+from ..ir import (
+    DType,
+    Expr,
+    Slot,
+    UpdateRule,
+    per_tensor,
+    stored_as,
+    tensor,
+    where,
+    with_master,
+)
 from ..ir.ops import Op
 from ..parameter import Parameter
 from ..runtime import arrays
@@ -197,8 +207,9 @@ class Optimizer:
     """Base class of every stepjit optimizer (see the module docstring for the subclass API)."""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None,
-                 capturable: bool = False, state_dtype: str | None = None) -> None:
-        self._setup(defaults, [], {}, backend, capturable, state_dtype)
+                 capturable: bool = False, state_dtype: str | None = None,
+                 master_weights: bool = False) -> None:
+        self._setup(defaults, [], {}, backend, capturable, state_dtype, master_weights)
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
             raise TypeError(
                 "params must be an iterable of Parameters or of param-group dicts, "
@@ -213,7 +224,8 @@ class Optimizer:
         self._backend = self._select_backend()
 
     def _setup(self, defaults: dict, param_groups: list, state: dict, backend,
-               capturable: bool = False, state_dtype: str | None = None) -> None:
+               capturable: bool = False, state_dtype: str | None = None,
+               master_weights: bool = False) -> None:
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -234,11 +246,12 @@ class Optimizer:
         self._fast: _FastStep | None = None  # the steady state's step in one native call
         self._built = 0  # plans stored so far: the key of `_written_spans`
         self._written: tuple | None = None
-        self._keep_state_as(state_dtype)
+        self._keep_state_as(state_dtype, master_weights)
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
-             step_count=None, capturable: bool = False, state_dtype: str | None = None):
+             step_count=None, capturable: bool = False, state_dtype: str | None = None,
+             master_weights: bool = False):
         """An optimizer that works on existing `param_groups` and `state` containers, shared,
         not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
 
@@ -248,7 +261,7 @@ class Optimizer:
         the optimizer updates in place) into what `state[p]["step"]` holds (torch: a tensor
         sharing its memory)."""
         self = cls.__new__(cls)
-        self._setup({}, param_groups, state, backend, capturable, state_dtype)
+        self._setup({}, param_groups, state, backend, capturable, state_dtype, master_weights)
         self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
@@ -846,18 +859,25 @@ class Optimizer:
                 d.spans.append((start, end, slot.written, where_, slot.name))
         return d
 
-    def _keep_state_as(self, state_dtype: str | None) -> None:
-        """Store state buffers in `state_dtype` from the next table built: None (the compute
-        type), "float32" or "bfloat16" (see `STATE_DTYPES`)."""
+    def _keep_state_as(self, state_dtype: str | None, master_weights: bool = False) -> None:
+        """From the next table built, store state buffers in `state_dtype`: None (the compute
+        type), "float32" or "bfloat16" (see `STATE_DTYPES`); with `master_weights`, keep a
+        copy of each half parameter in the compute type (`ir.with_master`)."""
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
         self._storage = _state_storage(state_dtype)
-        self.state_dtype = state_dtype
+        self.state_dtype, self.master_weights = state_dtype, master_weights
         self._rules = {}
         self._state_gen += 1
 
     def _stored(self, rule: UpdateRule) -> UpdateRule:
-        """`rule` with its state buffers kept in `state_dtype` (the arithmetic unchanged)."""
+        """`rule` with a master copy of a half parameter (`master_weights`) and its state
+        buffers kept in `state_dtype` (the master copy stays in the compute type)."""
+        if self.master_weights and rule.slot("param").dtype.is_half:
+            rule = with_master(rule)
         storage = self._storage
-        dtypes = {s.name: storage for s in rule.slots[2:] if storage not in (None, s.dtype)}
+        dtypes = {s.name: storage for s in rule.slots[2:]
+                  if storage not in (None, s.dtype) and s.init != "param"}
         if not dtypes:
             return rule
         return stored_as(rule, dtypes, f"{rule.name}_state_{storage}")
@@ -1096,6 +1116,23 @@ STATE_DTYPES = {"float32": DType.F32, "bfloat16": DType.BF16}
 """How state buffers may be stored (`state_dtype=`); None keeps them in the compute type."""
 
 
+def float32_state(state_dict: dict) -> dict:
+    """A copy of `state_dict` (from either face, any library's arrays) whose float16 and
+    bfloat16 state buffers are float32, for tools that expect full-precision state; other
+    entries are shared, not copied. Loading a compact checkpoint needs no such call: every
+    optimizer converts buffers to its own storage type."""
+    def widened(value):
+        if arrays.is_array(value) and arrays.dtype(value) in (DType.F16, DType.BF16):
+            out = arrays.zeros_as(value, DType.F32)
+            arrays.assign(out, value)
+            return out
+        return value
+
+    state = {index: {name: widened(v) for name, v in buffers.items()}
+             for index, buffers in state_dict["state"].items()}
+    return {**state_dict, "state": state}
+
+
 def _state_storage(state_dtype) -> DType | None:
     if state_dtype is None:
         return None
@@ -1253,6 +1290,9 @@ def _new_state(data, slot: Slot, group: dict):
     """A new state buffer for parameter array `data` (its layout), filled with the slot's
     initial value."""
     buf = arrays.zeros_as(data, slot.dtype)
+    if slot.init == "param":  # a master copy
+        arrays.assign(buf, data)
+        return buf
     value = group[slot.init] if isinstance(slot.init, str) else slot.init
     if value:
         buf[...] = float(value)

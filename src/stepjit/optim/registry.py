@@ -27,7 +27,8 @@ from .optimizer import Optimizer, required
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 """Every built-in optimizer by its lower-case name."""
 
-_NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable", "state_dtype")
+_NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable", "state_dtype",
+                        "master_weights")
 
 
 def register(name: str):
@@ -94,10 +95,11 @@ def configure(cls: type[Optimizer], param_dtype: str = "float32", **values) -> O
 
 def rule_for(
     name: str | type, dtype: str, *, grad_dtype: str | None = None,
-    state_dtype: str | None = None, **hyperparameters
+    state_dtype: str | None = None, master_weights: bool = False, **hyperparameters
 ) -> UpdateRule:
     """The update rule optimizer `name` (see `resolve`) uses for `dtype` parameters (and
-    `grad_dtype` gradients, default `dtype`, state buffers kept in `state_dtype`) under
+    `grad_dtype` gradients, default `dtype`, state buffers kept in `state_dtype`, with a master
+    copy for `master_weights`) under
     `hyperparameters` (its constructor's keyword arguments, checked as the optimizer checks
     them). Nothing is compiled."""
     cls = resolve(name)
@@ -105,7 +107,7 @@ def rule_for(
     if not param_dtype.is_float or not grad.is_float:
         raise ValueError(f"rule_for needs float dtypes, got {dtype!r} and {grad_dtype!r}")
     opt = configure(cls, dtype, **hyperparameters)
-    opt._keep_state_as(state_dtype)
+    opt._keep_state_as(state_dtype, master_weights)
     return opt._stored(opt.rule(opt.structure(opt.param_groups[0]), param_dtype, grad))
 
 

@@ -100,6 +100,8 @@ class RMSprop(Optimizer):
             step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
         state_dtype: how state buffers are stored: None (the compute type), "float32" or
             "bfloat16" (half the memory; the math stays in the compute type).
+        master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
+            that the update reads and writes; the parameter is its rounding.
 
     Example:
         >>> import numpy as np, stepjit
@@ -128,13 +130,14 @@ class RMSprop(Optimizer):
         backend: str | None = None,
         capturable: bool = False,
         state_dtype: str | None = None,
+        master_weights: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
             centered=centered, scale=scale, clip_norm=clip_norm,
         )
         super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, master_weights=master_weights)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])
