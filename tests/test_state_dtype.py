@@ -274,3 +274,76 @@ def test_float32_state_widens_compact_buffers_for_export():
     face.step()
     state = stepjit.optim.float32_state(face.state_dict())["state"][0]
     assert state["exp_avg"].dtype == torch.float32 and state["step"].dtype == torch.float32
+
+
+def test_a_checkpoint_without_a_master_copy_keeps_its_momentum():
+    # the copy is made from the parameter; the loaded momentum is no first step
+    rng = np.random.default_rng(2)
+    start = rng.standard_normal(8).astype(BF16)
+    grads = [rng.standard_normal(8).astype(BF16) for _ in range(5)]
+    plain = stepjit.Parameter(start.copy())
+    opt = stepjit.optim.SGD([plain], lr=0.01, momentum=0.9)
+    for g in grads[:3]:
+        plain.grad = g
+        opt.step()
+    resumed = stepjit.Parameter(plain.data.copy())
+    master = stepjit.optim.SGD([resumed], lr=0.01, momentum=0.9, master_weights=True)
+    master.load_state_dict(opt.state_dict())
+    twin = stepjit.Parameter(plain.data.astype(np.float32))  # float32 from the same point
+    ref = stepjit.optim.SGD([twin], lr=0.01, momentum=0.9)
+    ref.load_state_dict(opt.state_dict())
+    for g in grads[3:]:
+        resumed.grad, twin.grad = g, g.astype(np.float32)
+        master.step()
+        ref.step()
+    np.testing.assert_array_equal(master.state[resumed]["master"], twin.data)
+
+
+def test_a_stale_master_copy_starts_again_from_the_parameter():
+    w = stepjit.Parameter(np.ones(4, BF16))
+    opt = stepjit.optim.SGD([w], lr=2**-12, master_weights=True)
+    w.grad = np.ones(4, BF16)
+    opt.step()
+    w.data = np.full(4, 3.0, BF16)  # new weights loaded into the parameter
+    w.grad = np.zeros(4, BF16)
+    opt.step()
+    np.testing.assert_array_equal(w.data, np.full(4, 3.0, BF16))
+    np.testing.assert_array_equal(opt.state[w]["master"], np.full(4, 3.0, np.float32))
+
+
+def test_the_torch_face_keeps_float32_state_of_half_parameters_through_checkpoints():
+    torch = pytest.importorskip("torch")
+    import copy
+
+    import stepjit.torch as st
+
+    def run(opt, p, steps):
+        for _ in range(steps):
+            p.grad = torch.ones(4, dtype=torch.bfloat16)
+            opt.step()
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = st.SGD([p], lr=2**-12, momentum=0.5, master_weights=True)
+    run(opt, p, 3)
+    copy.deepcopy(opt)  # the copy is no autograd leaf's history: deep copies work
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = st.SGD([q], lr=2**-12, momentum=0.5, master_weights=True)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state[q]["master"].dtype == torch.float32  # not rounded to bfloat16
+    assert resumed.state[q]["momentum_buffer"].dtype == torch.float32
+    run(opt, p, 3)
+    run(resumed, q, 3)
+    assert torch.equal(resumed.state[q]["master"], opt.state[p]["master"])
+
+
+def test_with_master_refuses_a_rule_it_cannot_keep_precise():
+    p = tensor("param", DType.BF16)
+    rule = UpdateRule("odd", [Slot("param", DType.BF16, True)], {"param": p * p})
+    with pytest.raises(ValueError, match="not a rounding of a float32 or float64 value"):
+        with_master(rule)
+    wide = tensor("param", DType.BF16).cast(DType.F64)
+    via64 = UpdateRule("via64", [Slot("param", DType.BF16, True)],
+                       {"param": (wide - 2.0**-12).cast(DType.BF16)})
+    kept = with_master(via64)  # read through float64: the copy, widened
+    out = evaluate(kept, {"param": np.ones(2, BF16), "master": np.ones(2, np.float32)}, {}, {})
+    np.testing.assert_array_equal(out["master"], np.float32(1 - 2.0**-12))

@@ -161,6 +161,22 @@ class Optimizer(torch.optim.Optimizer):
         # faces of user optimizers are made at run time: pickle the engine class, not the face
         return (_unpickled, (self.engine, self.torch_class), self.__getstate__())
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's `load_state_dict`, keeping the saved precision of floating state: torch casts
+        every state tensor to its parameter's dtype, which would round the float32 state and
+        master copies stepjit keeps for half parameters (stepjit converts what it must itself,
+        at the next step)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                loaded = self.state.get(p, {}).get(key)
+                if (isinstance(value, torch.Tensor) and isinstance(loaded, torch.Tensor)
+                        and value.is_floating_point() and value.dtype != loaded.dtype):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
     @property
     def backend(self) -> str:
         """The stepjit backend running the update: 'llvm', 'cuda' or 'reference'."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from ..ir import DType
 from ..optim import OPTIMIZERS, registry
 from ..optim.optimizer import STATE_DTYPES
 from ..runtime.select import BACKENDS
@@ -144,6 +145,8 @@ def configured_rule(args: argparse.Namespace) -> UpdateRule:
         if name not in accepted:
             raise UsageError(f"{option} does not apply to {args.optimizer}")
         hyper[name] = tuple(value) if isinstance(value, list) else value
+    if args.master_weights and not DType(args.dtype).is_half:
+        raise UsageError("--master-weights is for float16 and bfloat16 parameters (--dtype)")
     # built on the reference backend: checking the flags compiles nothing
     return registry.rule_for(cls, args.dtype, grad_dtype=args.grad_dtype,
                              state_dtype=args.state_dtype, master_weights=args.master_weights,

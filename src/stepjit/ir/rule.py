@@ -169,7 +169,10 @@ def with_master(rule: UpdateRule, name: str = "master") -> UpdateRule:
     """`rule` keeping its parameter in a copy of the compute type, slot `name` (a state buffer
     that starts as the parameter's values): every use of the parameter reads the copy, the copy
     takes the unrounded new value, and the parameter the same value rounded as before. For half
-    parameters: the update is not lost to the parameter's rounding step after step."""
+    parameters: the update is not lost to the parameter's rounding step after step.
+
+    The parameter's new value must be a rounding of a wider value (`x.cast(param dtype)`, as
+    every rule built from `optim.prologue` has it); anything else is a ValueError."""
     param = rule.slot("param")
     if not param.dtype.is_half:
         raise ValueError(f"rule {rule.name}: a master copy is for half parameters, the "
@@ -178,11 +181,12 @@ def with_master(rule: UpdateRule, name: str = "master") -> UpdateRule:
     master = Expr(Op.TENSOR, compute, arg=name)
     done: dict[int, Expr] = {}
     for node in rule.nodes:
-        if node.op is Op.TENSOR and node.arg == "param":
-            new = master.cast(param.dtype)  # a direct use of the half value (rare)
-        elif (node.op is Op.CAST and node.dtype is compute and node.src[0].op is Op.TENSOR
-              and node.src[0].arg == "param"):
-            new = master  # the parameter widened: the copy itself
+        src = node.src[0] if node.src else None
+        if (node.op is Op.CAST and src.op is Op.TENSOR and src.arg == "param"
+                and not node.dtype.is_half and node.dtype is not DType.BOOL):
+            new = master.cast(node.dtype)  # the parameter widened: the copy (itself in float32)
+        elif node.op is Op.TENSOR and node.arg == "param":
+            new = master.cast(param.dtype)  # the half value itself: the copy's rounding
         elif node.op in LEAVES:
             new = node
         else:
@@ -190,8 +194,10 @@ def with_master(rule: UpdateRule, name: str = "master") -> UpdateRule:
         done[id(node)] = new
     outputs = {slot: done[id(e)] for slot, e in rule.outputs}
     final = outputs["param"]
-    unrounded = (final.src[0] if final.op is Op.CAST and final.src[0].dtype is compute
-                 else final.cast(compute))
-    outputs[name] = unrounded
+    if not (final.op is Op.CAST and final.src[0].dtype in (DType.F32, DType.F64)):
+        raise ValueError(f"rule {rule.name}: the parameter's new value is not a rounding of a "
+                         f"float32 or float64 value ({final.op.value} ...), so a master copy "
+                         "would keep nothing the parameter loses")
+    outputs[name] = final.src[0].cast(compute)
     slots = [*rule.slots, Slot(name, compute, written=True, init="param")]
     return UpdateRule(f"{rule.name}_master", slots, outputs)

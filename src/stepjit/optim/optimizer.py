@@ -835,11 +835,13 @@ class Optimizer:
                 st = self.state.get(p, {})
                 for slot in rule.slots[2:]:  # the state buffers
                     buf = st.get(slot.name)
+                    if slot.init == "param" and buf is not None and _stale_copy(buf, data):
+                        buf = None  # the parameter was written since: the copy starts anew
                     if buf is None:
                         buf = _new_state(data, slot, group)
                         d.new_state.append((p, slot.name, buf))
-                        if col is not None:
-                            pt[j, col] = 1.0
+                        if col is not None and slot.init != "param":  # a new master copy
+                            pt[j, col] = 1.0  # is no first step: momentum may be loaded
                     else:
                         # a loaded buffer may be in another dtype (torch keeps half state as
                         # half) or layout: a copy of it that fits is stored instead
@@ -1300,6 +1302,17 @@ def _new_state(data, slot: Slot, group: dict):
 
 
 _SLOT_NAMES = {"param": "parameter", "grad": "gradient", "accum": "accumulated gradient"}
+
+
+def _stale_copy(master, data) -> bool:
+    """Whether a master copy no longer rounds to its parameter (the parameter was written
+    since the last step: loaded weights, or a copy saved by an optimizer without master
+    weights and loaded back). Read when tables are built, not at every step."""
+    if arrays.is_torch(master) or arrays.is_torch(data):
+        t = arrays._torch()
+        rounded = t.as_tensor(master).to(device=data.device, dtype=data.dtype)
+        return bool((rounded != data.detach()).any())
+    return bool((master.astype(data.dtype) != data).any())
 
 
 def _fits(buf, data, dt: DType) -> bool:

@@ -400,7 +400,8 @@ def assign(dst, src) -> None:
         src = src.astype(src.dtype.newbyteorder("="))
     if is_torch(dst):
         t = _torch()
-        dst.copy_(src if is_torch(src) else t.as_tensor(np.asarray(src)))
+        with t.no_grad():  # a copy of a parameter is state, not part of autograd's graph
+            dst.copy_(src if is_torch(src) else t.as_tensor(np.asarray(src)))
     elif is_torch(src):
         dst[...] = host_view(src.detach().cpu())
     else:
