@@ -85,3 +85,16 @@ def capturable_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
     accumulate and zero rules, whose only per-tensor value is the `first` flag)."""
     formulas = {case.rule.key: case.formulas for case in optimizer_cases()}
     return [(rule, formulas.get(rule.key, {})) for rule in all_rules()]
+
+
+def compact_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
+    """Rules with compact state (`state_dtype`) and master copies (`master_weights`), with
+    their optimizers' formulas: bfloat16 state beside half and float32 parameters, a float32
+    copy of half parameters, with and without a reduction."""
+    configs = [("adamw", "bfloat16", dict(state_dtype="bfloat16", master_weights=True,
+                                          clip_norm=1.0)),
+               ("sgd", "float16", dict(momentum=0.9, master_weights=True)),
+               ("rmsprop", "float32", dict(state_dtype="bfloat16", centered=True)),
+               ("adagrad", "bfloat16", dict(master_weights=True))]
+    return [(rule_for(name, dtype, **config), tensor_formulas(name))
+            for name, dtype, config in configs]

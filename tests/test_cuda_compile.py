@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from cuda_rules import FLOATS, all_rules, capturable_rules
+from cuda_rules import FLOATS, all_rules, capturable_rules, compact_rules
 
 from stepjit.codegen import cuda
 from stepjit.ir import OPS, DType, UpdateRule
@@ -57,6 +57,7 @@ def path_rules():
               _accumulate_rule(DType.F32, DType.BF16), _accumulate_rule(DType.F64, DType.F16),
               _zero_rule(DType.F16), _zero_rule(DType.BF16),
               rule_for("adamw", "float32", clip_norm=1.0)]  # prepare with float64 formulas
+    rules += [rule for rule, _ in compact_rules()]  # bfloat16 state, master copies
     return rules
 
 
@@ -83,7 +84,7 @@ class Job:
 def plan() -> list[Job]:
     """Every rule's plain variant at least once, its capturable variant on sm_80 or sm_90,
     every path rule's both variants on every arch."""
-    formulas = {rule.key: f for rule, f in capturable_rules()}  # path rules of sgd: {}
+    formulas = {rule.key: f for rule, f in capturable_rules() + compact_rules()}  # sgd's: {}
     wanted: dict[tuple[str, str], dict] = {}  # (rule key, arch) -> {"plain": ..., ...}
     for i, rule in enumerate(all_rules()):
         wanted.setdefault((rule.key, ARCHS[i % len(ARCHS)]), {})["plain"] = True

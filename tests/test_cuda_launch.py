@@ -33,6 +33,8 @@ F16, F32, F64 = DType.F16, DType.F32, DType.F64
 
 ADAM = adam_rule(False, False, False, False, F32, F32)
 RMSPROP = stepjit.optim.rule_for("rmsprop", "float32")  # counts steps, no per-tensor values
+COMPACT = dict(momentum=0.9, weight_decay=1e-2, state_dtype="bfloat16", master_weights=True)
+SGD_COMPACT = stepjit.optim.rule_for("sgd", "bfloat16", **COMPACT)  # bfloat16 state, a copy
 
 
 def _formulas(cls) -> dict:
@@ -51,6 +53,8 @@ RULES = [
     (sgd_rule(True, False, True, False, F32, F32), {}),  # capturable variants
     (ADAM, _formulas(stepjit.optim.Adam)),
     (RMSPROP, {}),
+    SGD_COMPACT,
+    (SGD_COMPACT, {}),
 ]
 
 
@@ -549,3 +553,47 @@ def test_a_rebuilt_launch_is_ordered_after_the_stream_of_the_last(fake):
     opt.param_groups[0]["params"].append(params[2])
     with b:
         opt.step()
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compact_state_and_master_copies_through_the_cuda_backend(fake, capturable):
+    # bfloat16 parameters with a float32 copy and bfloat16 momentum: the CUDA launches (eager,
+    # or captured and replayed) give the reference interpreter's bits
+    cp = sys.modules["cupy"]
+    model = FakeArray.model
+    bf16 = DType.BF16.to_numpy()
+    rng = np.random.default_rng(4)
+    sizes = (1000, 70_000)
+    data = [rng.standard_normal(n).astype(bf16) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(bf16) for n in sizes] for _ in range(6)]
+    stream = cp.new_stream()
+    with stream:
+        params = [stepjit.Parameter(cp.asarray(d)) for d in data]
+        static = [cp.zeros(n, bf16) for n in sizes]
+    for p, g in zip(params, static, strict=True):
+        p.grad = g
+    opt = stepjit.optim.SGD(params, lr=0.05, capturable=capturable, **COMPACT)
+    ref = [stepjit.Parameter(d.copy()) for d in data]
+    ref_opt = stepjit.optim.SGD(ref, lr=0.05, backend="reference", **COMPACT)
+    graph = None
+    for k, step in enumerate(grads):
+        with stream:
+            for g, new in zip(static, step, strict=True):
+                g[...] = new
+            if capturable and k >= 2:
+                if graph is None:
+                    with model.capture(stream) as graph:
+                        opt.step()
+                graph.replay()
+            else:
+                opt.step()
+        for r, new in zip(ref, step, strict=True):
+            r.grad = new
+        ref_opt.step()
+    stream.synchronize()
+    for p, r in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(p.data.get(), r.data)
+        for name in ("momentum_buffer", "master"):
+            np.testing.assert_array_equal(opt.state[p][name].get(), ref_opt.state[r][name])
+    assert opt.state[params[0]]["momentum_buffer"].dtype == bf16
+    assert opt.state[params[0]]["master"].dtype == np.float32
