@@ -88,13 +88,16 @@ def capturable_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
 
 
 def compact_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
-    """Rules with compact state (`state_dtype`) and master copies (`master_weights`), with
-    their optimizers' formulas: bfloat16 state beside half and float32 parameters, a float32
-    copy of half parameters, with and without a reduction."""
+    """Rules with compact state (`state_dtype`), master copies (`master_weights`) and
+    stochastic rounding, with their optimizers' formulas: bfloat16 state beside half and float32
+    parameters, a float32 copy of half parameters, rounding keys, with and without a reduction
+    (stochastically rounded rules have no capturable variant: their keys come from the host)."""
     configs = [("adamw", "bfloat16", dict(state_dtype="bfloat16", master_weights=True,
                                           clip_norm=1.0)),
                ("sgd", "float16", dict(momentum=0.9, master_weights=True)),
                ("rmsprop", "float32", dict(state_dtype="bfloat16", centered=True)),
-               ("adagrad", "bfloat16", dict(master_weights=True))]
+               ("adagrad", "bfloat16", dict(master_weights=True)),
+               ("adamw", "bfloat16", dict(stochastic_rounding=True, state_dtype="bfloat16")),
+               ("sgd", "bfloat16", dict(momentum=0.9, stochastic_rounding=True, clip_norm=1.0))]
     return [(rule_for(name, dtype, **config), tensor_formulas(name))
             for name, dtype, config in configs]

@@ -26,10 +26,12 @@ from stepjit.ir import (
     minimum,
     per_tensor,
     scalar,
+    stochastic_round,
     stored_as,
     tensor,
     where,
     with_master,
+    with_stochastic_rounding,
 )
 from stepjit.optim import OPTIMIZERS, registry
 from stepjit.optim.adagrad import adagrad_rule
@@ -54,7 +56,7 @@ def ops_rule() -> UpdateRule:
     # the NaN propagates); w gathers everything else, half arithmetic included
     new_x = where(x.cast(BOOL), maximum(x, a), a) + (x < 0.0).cast(F32)
     new_h = where(flag, minimum(h, 0.5), maximum(h, 0.25))
-    new_b = where(b < 0.0, (b.cast(F32) * a).cast(BF16) + b * b, minimum(b, 0.25))
+    new_b = where(b < 0.0, stochastic_round(b.cast(F32) * a, k) + b * b, minimum(b, 0.25))
     x64 = x.cast(F64)
     half_math = (h * h - h / (abs(h) + 1.0)).sqrt()
     new_w = (-w * s + (x64 * x64).sum() / ((w * w).sum() + 1.0) + abs(w).sqrt()
@@ -97,6 +99,10 @@ for _c in sorted(CASES, key=lambda c: len(c.rule.nodes)):
 for _c in CASES:
     if _c.rule.slot("param").dtype.is_half and not _c.rule.reductions:
         STORED[f"{_c.optimizer} master"] = (_c, with_master(_c.rule))
+# stochastic rounding: per optimizer, an elementwise rule of bfloat16 parameters
+for _c in CASES:
+    if _c.rule.slot("param").dtype is BF16 and not _c.rule.reductions:
+        STORED[f"{_c.optimizer} sr"] = (_c, with_stochastic_rounding(_c.rule))
 PLAIN = [c.rule for c in CASES if not c.rule.reductions] + [r for _, r in STORED.values()] + [
     _accumulate_rule(F32, BF16),
     _accumulate_rule(F64, F32),
@@ -216,6 +222,8 @@ def first_flags(rule, n):
             pt[:, j] = np.arange(n) % 2 == 0
         elif name in OWN_VALUES:
             pt[:, j] = np.arange(n) * 0.5
+        elif name == "rounding_key":  # an integer per tensor (stochastic rounding)
+            pt[:, j] = 12345 + 7919 * np.arange(n)
         else:
             pt[:, j] = 0.5 + 0.25 * np.arange(n)
     return pt

@@ -35,6 +35,7 @@ ADAM = adam_rule(False, False, False, False, F32, F32)
 RMSPROP = stepjit.optim.rule_for("rmsprop", "float32")  # counts steps, no per-tensor values
 COMPACT = dict(momentum=0.9, weight_decay=1e-2, state_dtype="bfloat16", master_weights=True)
 SGD_COMPACT = stepjit.optim.rule_for("sgd", "bfloat16", **COMPACT)  # bfloat16 state, a copy
+SGD_SR = stepjit.optim.rule_for("sgd", "bfloat16", momentum=0.9, stochastic_rounding=True)
 
 
 def _formulas(cls) -> dict:
@@ -55,6 +56,7 @@ RULES = [
     (RMSPROP, {}),
     SGD_COMPACT,
     (SGD_COMPACT, {}),
+    SGD_SR,
 ]
 
 
@@ -597,3 +599,29 @@ def test_compact_state_and_master_copies_through_the_cuda_backend(fake, capturab
             np.testing.assert_array_equal(opt.state[p][name].get(), ref_opt.state[r][name])
     assert opt.state[params[0]]["momentum_buffer"].dtype == bf16
     assert opt.state[params[0]]["master"].dtype == np.float32
+
+
+def test_stochastic_rounding_through_the_cuda_backend(fake):
+    # the keys are drawn on the host each step, the bits in the kernels: the interpreter's
+    cp = sys.modules["cupy"]
+    bf16 = DType.BF16.to_numpy()
+    rng = np.random.default_rng(6)
+    sizes = (1000, 70_000)
+    data = [rng.standard_normal(n).astype(bf16) for n in sizes]
+    params = [stepjit.Parameter(cp.asarray(d)) for d in data]
+    ref = [stepjit.Parameter(d.copy()) for d in data]
+    opts = [stepjit.optim.SGD(ps, lr=2**-10, momentum=0.9, stochastic_rounding=True,
+                              rounding_seed=9, backend=backend)
+            for ps, backend in ((params, None), (ref, "reference"))]
+    for _ in range(3):
+        for p, r in zip(params, ref, strict=True):
+            r.grad = rng.standard_normal(r.shape).astype(bf16)
+            p.grad = cp.asarray(r.grad)
+        for opt in opts:
+            opt.step()
+    for p, r in zip(params, ref, strict=True):
+        assert p.data.get().tobytes() == r.data.tobytes()
+    captured = stepjit.optim.SGD(params, lr=0.1, momentum=0.9, stochastic_rounding=True,
+                                 capturable=True)
+    with pytest.raises(ValueError, match="capturable step cannot use it yet"):
+        captured.step()

@@ -43,6 +43,7 @@ from stepjit.ir import (
     UpdateRule,
     apply,
     evaluate,
+    per_tensor,
     scalar,
     tensor,
 )
@@ -270,6 +271,20 @@ def per_tensor_leaf(op: Op, dtype: DType, rng) -> Case:
     return _stated_leaf(op, dtype, rule, run, [{"out": rounded([v, v], dtype)} for v in values])
 
 
+def indexed_case(op: Op, dtype: DType, rng) -> Case:
+    """An op that reads the element's index (stochastic rounding): a `dtype` value and a
+    float64 key per tensor, one tensor per key; no stated outputs (the record defines the bits
+    through its definition, which the interpreter runs)."""
+    x, key = tensor("x", dtype), per_tensor("key", F64)
+    expr = Expr(op, BF16, (x, key))
+    rule = UpdateRule(f"{op.value}_{dtype}", [Slot("x", dtype), Slot("out", BF16, True)],
+                      {"out": expr})
+    (values,) = operand_columns(1, dtype, rng)
+    keys = np.array([[0.0], [12345.0], [2.0**53 - 1]])
+    run = Run([_one_tensor(rule, {"x": values}) for _ in keys], keys)
+    return Case(op, dtype, rule, [run], [])
+
+
 LEAF_CASES = {
     Op.TENSOR: tensor_leaf,
     Op.CONST: literal_leaf,
@@ -284,6 +299,8 @@ def build_case(op: Op, dtype: DType) -> Case:
     info = OPS[op]
     if info.kind is Kind.LEAF:
         return LEAF_CASES[op](op, dtype, rng)
+    if info.indexed:
+        return indexed_case(op, dtype, rng)
     if info.kind is Kind.REDUCE:
         return reduction_case(op, dtype, rng)
     if info.result is Result.GIVEN:
@@ -471,6 +488,12 @@ def test_expression_checks_follow_the_record(op):
     """Operands of an accepted dtype build a node of the record's result dtype; any other
     dtype is a TypeError naming the op."""
     info = OPS[op]
+    if info.indexed:  # a float32 value and a float64 key, to bfloat16; nothing else
+        assert Expr(op, BF16, (tensor("x", F32), per_tensor("k", F64))).dtype is BF16
+        for x, k, out in [(F64, F64, BF16), (F32, F32, BF16), (F32, F64, F16)]:
+            with pytest.raises(TypeError, match=op.value):
+                Expr(op, out, (tensor("x", x), per_tensor("k", k)))
+        return
     for dtype in DType:
         operands = [tensor(f"a{i}", BOOL if info.condition and i == 0 else dtype)
                     for i in range(info.arity)]

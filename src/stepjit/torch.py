@@ -52,7 +52,8 @@ _DRAGON_NEUTRAL = {"scale": 1, "clip_norm": 0, "lr_mult": 1, "decay_mult": 1}
 """stepjit's hyperparameters that torch's optimizers lack, at the values that change nothing."""
 
 _FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None,
-                   "state_dtype": None, "master_weights": False}
+                   "state_dtype": None, "master_weights": False, "stochastic_rounding": False,
+                   "rounding_seed": 0}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -92,8 +93,9 @@ class Optimizer(torch.optim.Optimizer):
         self.bucket_cap_bytes = int(face["bucket_cap_mb"] * 2**20)
         self._requested_backend = face["backend"]
         self._capturable = bool(values["capturable"])
-        self._state_dtype = face["state_dtype"]
-        self._master_weights = face["master_weights"]
+        self._storage_options = _optim.optimizer.Storage(
+            face["state_dtype"], face["master_weights"], face["stochastic_rounding"],
+            face["rounding_seed"])
         self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
         self._not_dense = self._find_not_dense()
@@ -121,8 +123,7 @@ class Optimizer(torch.optim.Optimizer):
         return self.engine.over(_with_numbers(self.param_groups), self.state,
                                 backend=self._requested_backend, step_count=torch.from_numpy,
                                 capturable=self.__dict__.get("_capturable", False),
-                                state_dtype=self.__dict__.get("_state_dtype"),
-                                master_weights=self.__dict__.get("_master_weights", False))
+                                storage=self.__dict__.get("_storage_options"))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # torch's checks and defaults
@@ -140,8 +141,7 @@ class Optimizer(torch.optim.Optimizer):
                 "bucket_cap_bytes": self.bucket_cap_bytes,
                 "_requested_backend": self._requested_backend,
                 "_capturable": self.__dict__.get("_capturable", False),
-                "_state_dtype": self.__dict__.get("_state_dtype"),
-                "_master_weights": self.__dict__.get("_master_weights", False)}
+                "_storage_options": self.__dict__.get("_storage_options")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -209,6 +209,13 @@ class Optimizer(torch.optim.Optimizer):
                         f"param group {gi}: {name}={group[name]} is stepjit's own, which torch's "
                         f"implementation lacks, and this step must be torch's "
                         f"({self._not_dense or 'differentiable=True'})")
+        storage = self.__dict__.get("_storage_options")
+        if storage is not None and storage != _optim.optimizer.Storage(
+                rounding_seed=storage.rounding_seed):
+            raise ValueError(
+                f"{type(self).__name__}: {storage} is how stepjit's kernels store state and "
+                f"parameters, which torch's implementation cannot do, and this step must be "
+                f"torch's ({self._not_dense or 'differentiable=True'})")
         twin = self.torch_class.__new__(self.torch_class)
         twin.__dict__ = self.__dict__  # one set of attributes: the state is this optimizer's
         step = self.torch_class.step

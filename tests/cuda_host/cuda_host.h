@@ -207,3 +207,9 @@ inline __nv_bfloat16 __double2bfloat16(double x) {
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     return __nv_bfloat16{cuda_host::bfloat16_bits(x)};
 }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}

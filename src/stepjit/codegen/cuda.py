@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir import OPS, DType, Expr, Op, Slot, UpdateRule, apply
-from ..ir.ops import LEAVES
+from ..ir.ops import LEAVES, RANDOM_MIX
 from . import check_supported
 
 BLOCK = 512
@@ -214,10 +214,34 @@ CUDA_OPS: dict[Op, Emitter] = {
     Op.MIN: _arith(lambda d, a: f"nan_min({a[0]}, {a[1]})"),
     Op.CMPLT: _arith(lambda d, a: f"{a[0]} < {a[1]}"),  # ordered: false when either is NaN
     Op.WHERE: lambda n, a: f"{a[0]} ? {a[1]} : {a[2]}",
+    Op.ROUND_SR: lambda n, a: f"round_sr_bf16({a[0]}, {a[1]}, index)",
     # the tensor's total: reduced before the element loop; its operand is the total's name
     Op.SUM: lambda n, a: a[0],
 }
 """How each op is written in CUDA C: `emitter(node, operand_expressions) -> expression`."""
+
+
+_ROUND_SR_HELPER = f"""
+#ifndef STEPJIT_ROUND_SR
+#define STEPJIT_ROUND_SR
+// float32 to bfloat16, stochastically (round_sr): 16 random bits of (key, the element's index
+// within its tensor), the top bits of SplitMix64's finalizer of key * golden ratio + index,
+// added to the float32 pattern, which is then truncated; infinities and NaN round to nearest.
+// The same bits as the interpreter's stepjit.ir.ops.random_bits16.
+__device__ __forceinline__ __nv_bfloat16 round_sr_bf16(float x, double key, long long index) {{
+    unsigned long long z = (unsigned long long)key * {int(RANDOM_MIX[0]):#x}ull
+                           + (unsigned long long)index;
+    z = (z ^ (z >> 30)) * {int(RANDOM_MIX[1]):#x}ull;
+    z = (z ^ (z >> 27)) * {int(RANDOM_MIX[2]):#x}ull;
+    z ^= z >> 31;
+    const unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) == 0x7f800000u) {{
+        return __float2bfloat16_rn(x);
+    }}
+    return __ushort_as_bfloat16((unsigned short)((bits + (unsigned)(z >> 48)) >> 16));
+}}
+#endif  // STEPJIT_ROUND_SR
+"""
 
 
 # -- names -----------------------------------------------------------------------------------------
@@ -233,7 +257,8 @@ _RESERVED = _C_MATH | frozenset(
     public register return short signed sizeof static static_assert struct switch template this
     thread_local throw true try typedef typename union unsigned using virtual void volatile while
     xor threadIdx blockIdx blockDim gridDim warpSize min max
-    BLOCK CHUNK VEC Pack load_pack store_pack pack_aligned nan_max nan_min block_sum float32_run_ok
+    BLOCK CHUNK VEC Pack load_pack store_pack pack_aligned nan_max nan_min block_sum
+    index round_sr_bf16 float32_run_ok
     tensor_ptrs tensor_numel chunk_table per_tensor_values chunk_partials chunk tensor numel
     begin end i k aligned spacing wide update accumulate accumulate_exact scratch first_chunk
     n_chunks c partials totals lr_source lr_arg steps n_tensors step_count""".split()
@@ -542,6 +567,9 @@ def _kernel_parts(
                 f"const {CTYPES[dtype]} {c_name(name)} = {cast(value, DType.F64, dtype)};"
             )
     params, args = [], []
+    if any(OPS[n.op].indexed for n in needed):  # a random stream: the element's index
+        params.append("const long long index")
+        args.append("i + k * spacing")
     for s in slots:
         if s.name in reads:
             params.append(f"const {CTYPES[s.dtype]} {c_name(s.name)}")
@@ -810,6 +838,8 @@ def render(
     if DType.BF16 in used:
         head.append("#include <cuda_bf16.h>")
     parts = ["\n".join(head), templates.prelude]
+    if any(OPS[n.op].indexed for n in rule.nodes):
+        parts.append(_ROUND_SR_HELPER)
     if info.prepare:
         parts.append(_render_prepare(rule, info, capturable, templates))
     if rule.reductions:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from llvmlite import ir
 
 from ..ir import OPS, DType, Expr, Op, UpdateRule
+from ..ir.ops import RANDOM_MIX
 from . import check_supported
 
 I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -160,6 +161,24 @@ def _intrinsic(name: str) -> Callable[[_Ctx, list[ir.Value]], ir.Value]:
     return lambda ctx, ops: ctx.builder.call(ctx.intrinsic(name, ops[0].type), ops)
 
 
+def _i64(value: int) -> ir.Constant:
+    """A 64-bit constant from its unsigned value (LLVM spells i64 constants signed)."""
+    return I64(value - (1 << 64) if value >= 1 << 63 else value)
+
+
+def _round_sr(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    """float32 to bfloat16 bits, stochastically (`ops.random_bits16`, `OPS[Op.ROUND_SR]`)."""
+    b, (x, key) = ctx.builder, ops
+    z = b.add(b.mul(b.fptoui(key, I64), _i64(int(RANDOM_MIX[0]))), ctx.index)
+    z = b.mul(b.xor(z, b.lshr(z, I64(30))), _i64(int(RANDOM_MIX[1])))
+    z = b.mul(b.xor(z, b.lshr(z, I64(27))), _i64(int(RANDOM_MIX[2])))
+    z = b.xor(z, b.lshr(z, I64(31)))
+    bits = b.bitcast(x, I32)
+    up = b.trunc(b.lshr(b.add(bits, b.trunc(b.lshr(z, I64(48)), I32)), I32(16)), I16)
+    special = b.icmp_unsigned("==", b.and_(bits, I32(0x7F800000)), I32(0x7F800000))
+    return b.select(special, _float_to_bfloat(b, x), up)
+
+
 LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.TENSOR: _load,
     Op.SCALAR: _external,  # loaded from the scalars array at kernel entry
@@ -167,6 +186,7 @@ LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.SUM: _external,  # added up from the partials for each chunk
     Op.CONST: _const,
     Op.CAST: _cast,
+    Op.ROUND_SR: _round_sr,
     Op.NEG: _arith(lambda c, o: c.builder.fneg(o[0])),
     Op.SQRT: _arith(_intrinsic("llvm.sqrt")),
     Op.ABS: _arith(_intrinsic("llvm.fabs")),

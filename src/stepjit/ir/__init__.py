@@ -16,13 +16,14 @@ from .expr import (
     per_tensor,
     scalar,
     sqrt,
+    stochastic_round,
     tanh,
     tensor,
     where,
 )
 from .interp import evaluate
 from .ops import OPS, Op, OpInfo
-from .rule import Slot, UpdateRule, stored_as, with_master
+from .rule import Slot, UpdateRule, stored_as, with_master, with_stochastic_rounding
 
 __all__ = [
     "DType",
@@ -34,6 +35,7 @@ __all__ = [
     "UpdateRule",
     "stored_as",
     "with_master",
+    "with_stochastic_rounding",
     "apply",
     "const",
     "evaluate",
@@ -44,6 +46,7 @@ __all__ = [
     "per_tensor",
     "scalar",
     "sqrt",
+    "stochastic_round",
     "tanh",
     "tensor",
     "where",

@@ -51,7 +51,7 @@ class Expr:
             _check(op, dtype, src, arg)
             node = object.__new__(cls)
             node.op, node.dtype, node.src, node.arg = op, dtype, src, arg
-            node.elementwise = op is Op.TENSOR or (
+            node.elementwise = op is Op.TENSOR or OPS[op].indexed or (
                 OPS[op].kind is not Kind.REDUCE and any(s.elementwise for s in src)
             )
             cls._interned[key] = node
@@ -169,6 +169,11 @@ def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
         src = src[1:]
     if not src:
         return
+    if info.indexed:  # a value and its float64 key
+        if (src[0].dtype, src[1].dtype, dtype) != (DType.F32, DType.F64, DType.BF16):
+            raise TypeError(f"{op.value} rounds a float32 value with a float64 key to bfloat16, "
+                            f"not {src[0].dtype} with {src[1].dtype} to {dtype}")
+        return
     operand = src[0].dtype
     if any(s.dtype is not operand for s in src):
         raise TypeError(f"{op.value}: operand dtypes differ "
@@ -221,6 +226,13 @@ def where(cond: Expr, a: Operand, b: Operand) -> Expr:
     if not isinstance(ref, Expr):
         raise TypeError("where needs at least one expression among a and b")
     return apply(Op.WHERE, cond, _lift(a, ref.dtype), _lift(b, ref.dtype))
+
+
+def stochastic_round(x: Expr, key: Expr) -> Expr:
+    """float32 `x` rounded to bfloat16 stochastically, from 16 random bits of (`key`, the
+    element's index within its tensor): see `OPS[Op.ROUND_SR]`. `key` is a float64 holding an
+    integer in [0, 2**53): a new one every step gives new rounding decisions."""
+    return Expr(Op.ROUND_SR, DType.BF16, (x, key))
 
 
 def maximum(a: Expr, b: Operand) -> Expr:

@@ -52,6 +52,8 @@ def evaluate(
                 v = _leaf(n, arrays, scalars, per_tensor)
             else:
                 operands = [values[s] for s in n.src]
+                if OPS[n.op].indexed:
+                    operands.append(np.arange(numel, dtype=np.uint64))
                 if OPS[n.op].kind is Kind.REDUCE:
                     operands = [np.broadcast_to(x, (numel,)) for x in operands]
                 v = _typed(OPS[n.op].definition(*operands), n.dtype)

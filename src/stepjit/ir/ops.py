@@ -74,6 +74,8 @@ class Op(enum.Enum):
     WHERE = "where"
     # reduction
     SUM = "sum"
+    # rounding with a random stream: reads the element's index within its tensor
+    ROUND_SR = "round_sr"
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"
@@ -130,6 +132,10 @@ class OpInfo:
     """Whether the first operand is a bool condition, outside `accepts`."""
     arg: type | None = None
     """What a node's `arg` holds: a name (`str`), a literal (`float`) or nothing."""
+    indexed: bool = False
+    """Whether the value depends on the element's index within its tensor (a random stream):
+    the definition takes that index as a last argument, and the node is elementwise even when
+    its operands are uniform."""
 
     def result_dtype(self, operand: DType) -> DType:
         """The dtype of the result for operands of dtype `operand` (not for GIVEN results)."""
@@ -157,6 +163,34 @@ def _in_float64(fn: Callable) -> Callable:
 
     definition.__name__ = fn.__name__
     return definition
+
+
+RANDOM_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+              np.uint64(0x94D049BB133111EB))
+"""The multipliers of `random_bits16` (SplitMix64's), which every backend spells."""
+
+
+def random_bits16(key, index) -> np.ndarray:
+    """16 random bits per element: SplitMix64's finalizer of key * golden-ratio + index, its top
+    16 bits. `key`: an integer in [0, 2**53) held in a float64; `index`: the element's index
+    within its tensor. Every backend computes exactly this (wrapping 64-bit arithmetic)."""
+    with np.errstate(over="ignore"):  # 64-bit arithmetic wraps, as it should
+        z = np.uint64(int(key)) * RANDOM_MIX[0] + np.asarray(index, np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * RANDOM_MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * RANDOM_MIX[2]
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(48)).astype(np.uint32)
+
+
+def _round_sr(x, key, index):
+    """float32 `x` to bfloat16, rounded away from zero with probability equal to the dropped
+    low 16 bits over 2**16 (the distance to the lower neighbour over the spacing): add 16 random
+    bits to the float32 pattern, truncate. Infinities and NaN round to nearest."""
+    x = np.asarray(x, np.float32)
+    bits = np.broadcast_to(x, np.shape(index)).view(np.uint32)
+    special = (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    up = ((bits + random_bits16(key, index)) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(special, np.broadcast_to(x, np.shape(index)), up)
 
 
 def _maximum(a, b):
@@ -248,6 +282,15 @@ OPS: dict[Op, OpInfo] = {
         Kind.ELEMENTWISE, 3, ANY, Result.OPERAND, np.where,
         "cond ? a : b, with the chosen operand's bits (signed zeros and NaN kept).",
         [((1.0, -0.0, 1.0), -0.0), ((0.0, 1.0, _nan), _nan)], condition=True,
+    ),
+    Op.ROUND_SR: OpInfo(
+        Kind.ELEMENTWISE, 2, frozenset({DType.F32}), Result.GIVEN, _round_sr,
+        "float32 x to bfloat16, stochastically: rounded up in magnitude with probability "
+        "(x - down) / (up - down), from 16 random bits of (key, the element's index): unbiased, "
+        "reproducible from the key, the same on every backend and thread count. The second "
+        "operand is the key, a float64 holding an integer in [0, 2**53). Infinities and NaN "
+        "round to nearest; finite values in the top spacing may round to infinity.",
+        indexed=True,
     ),
     Op.SUM: OpInfo(
         Kind.REDUCE, 1, frozenset({DType.F64}), Result.OPERAND, _sum,

@@ -201,3 +201,22 @@ def with_master(rule: UpdateRule, name: str = "master") -> UpdateRule:
     outputs[name] = final.src[0].cast(compute)
     slots = [*rule.slots, Slot(name, compute, written=True, init="param")]
     return UpdateRule(f"{rule.name}_master", slots, outputs)
+
+
+def with_stochastic_rounding(rule: UpdateRule, key: str = "rounding_key") -> UpdateRule:
+    """`rule` with its bfloat16 parameter rounded stochastically (`stochastic_round`) from the
+    float32 value it was rounded to nearest from, keyed by the per-tensor float64 value `key`
+    (a new integer every step gives new rounding decisions)."""
+    param = rule.slot("param")
+    final = dict(rule.outputs)["param"]
+    if param.dtype is not DType.BF16:
+        raise ValueError(f"rule {rule.name}: stochastic rounding is for bfloat16 parameters, "
+                         f"the parameter is {param.dtype}")
+    if not (final.op is Op.CAST and final.src[0].dtype in (DType.F32, DType.F64)):
+        raise ValueError(f"rule {rule.name}: the parameter's new value is not a rounding of a "
+                         f"float32 or float64 value ({final.op.value} ...)")
+    value = final.src[0].cast(DType.F32)
+    outputs = {**dict(rule.outputs),
+               "param": Expr(Op.ROUND_SR, DType.BF16, (value, Expr(Op.PER_TENSOR, DType.F64,
+                                                                    arg=key)))}
+    return UpdateRule(f"{rule.name}_sr", rule.slots, outputs)

@@ -68,6 +68,8 @@ class Adagrad(Optimizer):
             "bfloat16" (half the memory; the math stays in the compute type).
         master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
             that the update reads and writes; the parameter is its rounding.
+        stochastic_rounding: round bfloat16 parameters stochastically (unbiased), from a
+            random stream keyed by `rounding_seed`, the step and each element's index.
 
     Example:
         >>> import numpy as np, stepjit
@@ -98,6 +100,8 @@ class Adagrad(Optimizer):
         capturable: bool = False,
         state_dtype: str | None = None,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
@@ -105,7 +109,8 @@ class Adagrad(Optimizer):
             clip_norm=clip_norm,
         )
         super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype, master_weights=master_weights)
+                         state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

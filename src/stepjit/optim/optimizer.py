@@ -43,8 +43,9 @@ from ..ir import (
     tensor,
     where,
     with_master,
+    with_stochastic_rounding,
 )
-from ..ir.ops import Op
+from ..ir.ops import RANDOM_MIX, Op
 from ..parameter import Parameter
 from ..runtime import arrays
 from ..runtime.backend import Backend, Launch
@@ -73,6 +74,7 @@ class _Batch:
     steps: np.ndarray | None = None  # per-tensor step counts (optimizers with counts_steps)
     first_set: bool = True  # some `first` flag may be 1: cleared after the next launch
     captured: bool = False  # counts and per-tensor values live on the device (capturable)
+    rounding: np.ndarray | None = None  # tensor ids (uint64) of a stochastically rounded launch
 
 
 @dataclass
@@ -208,8 +210,10 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None,
                  capturable: bool = False, state_dtype: str | None = None,
-                 master_weights: bool = False) -> None:
-        self._setup(defaults, [], {}, backend, capturable, state_dtype, master_weights)
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 rounding_seed: int = 0) -> None:
+        self._setup(defaults, [], {}, backend, capturable,
+                    Storage(state_dtype, master_weights, stochastic_rounding, rounding_seed))
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
             raise TypeError(
                 "params must be an iterable of Parameters or of param-group dicts, "
@@ -224,8 +228,7 @@ class Optimizer:
         self._backend = self._select_backend()
 
     def _setup(self, defaults: dict, param_groups: list, state: dict, backend,
-               capturable: bool = False, state_dtype: str | None = None,
-               master_weights: bool = False) -> None:
+               capturable: bool = False, storage: Storage | None = None) -> None:
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
@@ -246,12 +249,12 @@ class Optimizer:
         self._fast: _FastStep | None = None  # the steady state's step in one native call
         self._built = 0  # plans stored so far: the key of `_written_spans`
         self._written: tuple | None = None
-        self._keep_state_as(state_dtype, master_weights)
+        self._store_as(storage or Storage())
+        self._rounding_steps = 0  # steps taken: part of each stochastic rounding key
 
     @classmethod
     def over(cls, param_groups: list[dict], state: dict, *, backend: str | None = None,
-             step_count=None, capturable: bool = False, state_dtype: str | None = None,
-             master_weights: bool = False):
+             step_count=None, capturable: bool = False, storage: Storage | None = None):
         """An optimizer that works on existing `param_groups` and `state` containers, shared,
         not copied (`stepjit.torch` runs its kernels over a torch.optim.Optimizer's own).
 
@@ -259,9 +262,9 @@ class Optimizer:
         no gradient), and so is one on the meta device (to be materialized before a step).
         `step_count`, when given, turns each parameter's step count (a 0-d float32 array that
         the optimizer updates in place) into what `state[p]["step"]` holds (torch: a tensor
-        sharing its memory)."""
+        sharing its memory). `storage`: how state and parameters are stored (`Storage`)."""
         self = cls.__new__(cls)
-        self._setup({}, param_groups, state, backend, capturable, state_dtype, master_weights)
+        self._setup({}, param_groups, state, backend, capturable, storage)
         self._step_count = step_count
         for index, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
@@ -406,6 +409,7 @@ class Optimizer:
             settings = self._settings_of_groups()
             if self._fast is not None and not pending and grad_scale == 1.0 and not lr_sources and (
                     self._step_fast(settings)):
+                self._rounding_steps += 1
                 return
             scalars = [s.scalars for s in settings]
             if grad_scale != 1.0:
@@ -422,6 +426,7 @@ class Optimizer:
                 self._run(plan, values, tensor_values,
                           lr_sources[index] if index < len(lr_sources) else None)
             del held
+            self._rounding_steps += 1
             if self._untracked and not pending and not self._fast_holds():
                 self._fast = self._fast_step_of(settings)
             if pending:
@@ -646,8 +651,10 @@ class Optimizer:
                     launch.forget("grad")
                 for j, (p, i) in enumerate(zip(d.params, d.indices)):
                     plan.rows[p] = (len(plan.batches), j, i, _array(p))
+                rounding = (np.array([index << 32 | i for i in d.indices], np.uint64)
+                            if "rounding_key" in d.rule.per_tensor_names else None)
                 plan.batches.append(_Batch(d.rule, d.params, launch, d.first_column,
-                                           captured=captured))
+                                           captured=captured, rounding=rounding))
             plan.params = frozenset(plan.rows)
             if kind == "step" and self._untracked:
                 plan.moves = _moves_of(plan)
@@ -803,8 +810,11 @@ class Optimizer:
             else:
                 rule = self._rules.get((structure, pd, gd))
                 if rule is None:  # trace once per structure: rebuilds of the table reuse it
-                    rule = self._rules[(structure, pd, gd)] = self._stored(
-                        self.rule(structure, pd, gd))
+                    try:
+                        rule = self._stored(self.rule(structure, pd, gd))
+                    except ValueError as exc:  # a storage the parameters cannot have
+                        raise ValueError(f"param group {index}: {exc}") from None
+                    self._rules[(structure, pd, gd)] = rule
             drafts.append(self._draft_batch(kind, index, rule, items, pending))
         return drafts
 
@@ -861,22 +871,23 @@ class Optimizer:
                 d.spans.append((start, end, slot.written, where_, slot.name))
         return d
 
-    def _keep_state_as(self, state_dtype: str | None, master_weights: bool = False) -> None:
-        """From the next table built, store state buffers in `state_dtype`: None (the compute
-        type), "float32" or "bfloat16" (see `STATE_DTYPES`); with `master_weights`, keep a
-        copy of each half parameter in the compute type (`ir.with_master`)."""
-        if not isinstance(master_weights, bool):
-            raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
-        self._storage = _state_storage(state_dtype)
-        self.state_dtype, self.master_weights = state_dtype, master_weights
+    def _store_as(self, storage: Storage) -> None:
+        """From the next table built, store state and parameters as `storage` says."""
+        storage.check()
+        self.storage = storage
+        self.state_dtype, self.master_weights = storage.state_dtype, storage.master_weights
+        self._storage = _state_storage(storage.state_dtype)
         self._rules = {}
         self._state_gen += 1
 
     def _stored(self, rule: UpdateRule) -> UpdateRule:
-        """`rule` with a master copy of a half parameter (`master_weights`) and its state
-        buffers kept in `state_dtype` (the master copy stays in the compute type)."""
+        """`rule` with a master copy of a half parameter (`master_weights`), its parameter
+        rounded stochastically (`stochastic_rounding`) and its state buffers kept in
+        `state_dtype` (the master copy stays in the compute type)."""
         if self.master_weights and rule.slot("param").dtype.is_half:
             rule = with_master(rule)
+        if self.storage.stochastic_rounding:
+            rule = with_stochastic_rounding(rule)  # ValueError unless bfloat16 parameters
         storage = self._storage
         dtypes = {s.name: storage for s in rule.slots[2:]
                   if storage not in (None, s.dtype) and s.init != "param"}
@@ -888,7 +899,15 @@ class Optimizer:
         """Whether steps keep their counts and per-tensor values on the device (capturable)."""
         return self.capturable and backend.name == "cuda"
 
+    def _rounding_keys(self, b: _Batch) -> np.ndarray:
+        """This step's stochastic rounding key of each tensor of `b` (see `rounding_keys`)."""
+        return rounding_keys(self.storage.rounding_seed, b.rounding, self._rounding_steps)
+
     def _bind(self, backend: Backend, d: _Draft, captured: bool) -> Launch:
+        if captured and "rounding_key" in d.rule.per_tensor_names:
+            raise ValueError("stochastic rounding draws new keys on the host every step, so a "
+                             "capturable step cannot use it yet (capturable=False, or round "
+                             "to nearest with master_weights=True)")
         if not captured:
             return backend.bind(backend.compile(d.rule), d.tensors, d.per_tensor)
         # the kernels count steps on the device from these: the parameters' own counts, or for
@@ -1011,6 +1030,8 @@ class Optimizer:
             for b, more in zip(plan.batches, extra):
                 if not same:
                     b.launch.set_scalars(tuple(values.scalars[n] for n in b.rule.scalar_names))
+                if b.rounding is not None:
+                    b.launch.set_per_tensor("rounding_key", self._rounding_keys(b))
                 for name, column in (more[1].items() if more is not None else ()):
                     b.launch.set_per_tensor(name, column)
         fast.settings, fast.scalars_set = list(settings), True
@@ -1081,6 +1102,8 @@ class Optimizer:
     def _run(self, plan: _Plan, scalars: dict[str, float], per_tensor: list | None = None,
              lr_source=None) -> None:
         for b, extra in zip(plan.batches, per_tensor or [None] * len(plan.batches)):
+            if b.rounding is not None:
+                b.launch.set_per_tensor("rounding_key", self._rounding_keys(b))
             if b.captured:  # counts, per-tensor values and a device lr: the kernels' own
                 b.launch.set_inputs(scalars, lr_source)
                 b.launch(tuple(scalars[n] for n in b.rule.scalar_names))
@@ -1112,6 +1135,41 @@ class _ParamList(list):
                   "insert", "pop", "remove", "clear", "sort", "reverse"):
         locals()[_name] = _edited(_name)
     del _name, _edited
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an optimizer stores state and parameters (its constructor's keyword arguments)."""
+
+    state_dtype: str | None = None  # None, or a name of STATE_DTYPES
+    master_weights: bool = False  # a float32 copy of half parameters (`ir.with_master`)
+    stochastic_rounding: bool = False  # bfloat16 parameters (`ir.with_stochastic_rounding`)
+    rounding_seed: int = 0  # the first part of every rounding key
+
+    def check(self) -> None:
+        _state_storage(self.state_dtype)
+        for name in ("master_weights", "stochastic_rounding"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        seed = self.rounding_seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
+                0 <= seed < 2**64):
+            raise ValueError(f"rounding_seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def rounding_keys(seed: int, ids: np.ndarray, step: int) -> np.ndarray:
+    """The stochastic rounding key of each tensor (`ids`: uint64, one per tensor) at `step`:
+    SplitMix64's finalizer of the three mixed together, as float64 integers below 2**53 (the
+    kernels then draw 16 bits per element from the key and the element's index). The same
+    seed, parameters and steps give the same keys, hence the same rounding, on every backend
+    and thread count."""
+    with np.errstate(over="ignore"):  # 64-bit arithmetic wraps, as it should
+        z = (np.uint64(int(seed) % 2**64) * RANDOM_MIX[0] + ids * RANDOM_MIX[1]
+             + np.uint64(step % 2**64) * RANDOM_MIX[2])
+        z = (z ^ (z >> np.uint64(30))) * RANDOM_MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * RANDOM_MIX[2]
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64)
 
 
 STATE_DTYPES = {"float32": DType.F32, "bfloat16": DType.BF16}

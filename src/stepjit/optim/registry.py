@@ -22,13 +22,13 @@ import numpy as np
 
 from ..ir import DType, UpdateRule
 from ..parameter import Parameter
-from .optimizer import Optimizer, required
+from .optimizer import Optimizer, Storage, required
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 """Every built-in optimizer by its lower-case name."""
 
 _NOT_HYPERPARAMETERS = ("self", "params", "backend", "capturable", "state_dtype",
-                        "master_weights")
+                        "master_weights", "stochastic_rounding", "rounding_seed")
 
 
 def register(name: str):
@@ -95,11 +95,12 @@ def configure(cls: type[Optimizer], param_dtype: str = "float32", **values) -> O
 
 def rule_for(
     name: str | type, dtype: str, *, grad_dtype: str | None = None,
-    state_dtype: str | None = None, master_weights: bool = False, **hyperparameters
+    state_dtype: str | None = None, master_weights: bool = False,
+    stochastic_rounding: bool = False, **hyperparameters
 ) -> UpdateRule:
     """The update rule optimizer `name` (see `resolve`) uses for `dtype` parameters (and
     `grad_dtype` gradients, default `dtype`, state buffers kept in `state_dtype`, with a master
-    copy for `master_weights`) under
+    copy for `master_weights`, rounded stochastically for `stochastic_rounding`) under
     `hyperparameters` (its constructor's keyword arguments, checked as the optimizer checks
     them). Nothing is compiled."""
     cls = resolve(name)
@@ -107,7 +108,7 @@ def rule_for(
     if not param_dtype.is_float or not grad.is_float:
         raise ValueError(f"rule_for needs float dtypes, got {dtype!r} and {grad_dtype!r}")
     opt = configure(cls, dtype, **hyperparameters)
-    opt._keep_state_as(state_dtype, master_weights)
+    opt._store_as(Storage(state_dtype, master_weights, stochastic_rounding))
     return opt._stored(opt.rule(opt.structure(opt.param_groups[0]), param_dtype, grad))
 
 

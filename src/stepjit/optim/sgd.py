@@ -71,6 +71,8 @@ class SGD(Optimizer):
             "bfloat16" (half the memory; the math stays in the compute type).
         master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
             that the update reads and writes; the parameter is its rounding.
+        stochastic_rounding: round bfloat16 parameters stochastically (unbiased), from a
+            random stream keyed by `rounding_seed`, the step and each element's index.
 
     Example:
         >>> import numpy as np, stepjit
@@ -97,6 +99,8 @@ class SGD(Optimizer):
         capturable: bool = False,
         state_dtype: str | None = None,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         if lr is required:
             raise ValueError("parameter 'lr' is required (none given)")
@@ -105,7 +109,8 @@ class SGD(Optimizer):
             nesterov=nesterov, scale=scale, clip_norm=clip_norm,
         )
         super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype, master_weights=master_weights)
+                         state_dtype=state_dtype, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])
