@@ -287,7 +287,8 @@ OPS: dict[Op, OpInfo] = {
         Kind.ELEMENTWISE, 2, frozenset({DType.F32}), Result.GIVEN, _round_sr,
         "float32 x to bfloat16, stochastically: rounded up in magnitude with probability "
         "(x - down) / (up - down), from 16 random bits of (key, the element's index): unbiased, "
-        "reproducible from the key, the same on every backend and thread count. The second "
+        "reproducible from the key, the same on every backend and thread count (a NaN's "
+        "payload aside, as for every op). The second "
         "operand is the key, a float64 holding an integer in [0, 2**53). Infinities and NaN "
         "round to nearest; finite values in the top spacing may round to infinity.",
         indexed=True,
