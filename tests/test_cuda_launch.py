@@ -394,15 +394,21 @@ def test_a_captured_step_replays_with_the_current_lr_and_step_count(fake, name):
                             or "adam" in n)
 
 
+def _parameter_on_a_stream(n: int):
+    """(cupy, the model, a new stream, a float32 Parameter of n zeros with a zero gradient,
+    both made on that stream)."""
+    cp = sys.modules["cupy"]
+    stream = cp.new_stream()
+    with stream:
+        w = stepjit.Parameter(cp.zeros(n, np.float32))
+        w.grad = cp.zeros(n, np.float32)
+    return cp, FakeArray.model, stream, w
+
+
 def test_a_capturable_step_may_not_allocate_or_synchronize_once_built(fake):
     # the stand-in fails any allocation, copy or query during capture: a first step (tables
     # to build) cannot be captured, a later one can
-    cp = sys.modules["cupy"]
-    model = FakeArray.model
-    stream = cp.new_stream()
-    with stream:
-        w = stepjit.Parameter(cp.zeros(100, np.float32))
-        w.grad = cp.zeros(100, np.float32)
+    cp, model, stream, w = _parameter_on_a_stream(100)
     opt = stepjit.optim.Adam([w], lr=1e-3, capturable=True)
     with pytest.raises(AssertionError, match="during graph capture"), model.capture(stream):
         opt.step()
@@ -495,12 +501,7 @@ def test_gradients_made_anew_for_the_capture_are_copied_by_the_graph(fake):
 
 
 def test_a_capture_needs_capturable_steps(fake):
-    cp = sys.modules["cupy"]
-    model = FakeArray.model
-    stream = cp.new_stream()
-    with stream:
-        w = stepjit.Parameter(cp.zeros(10, np.float32))
-        w.grad = cp.zeros(10, np.float32)
+    cp, model, stream, w = _parameter_on_a_stream(10)
     opt = stepjit.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-2)
     with stream:
         opt.step()

@@ -61,15 +61,8 @@ class Adagrad(Optimizer):
         eps: added to the denominator, >= 0.
         scale: factor applied to every gradient first (for example 1 / loss_scale).
         clip_norm: when > 0, the L2 norm each gradient tensor is clipped to.
-        backend: "llvm", "cuda" or "reference"; default: where the parameters live.
-        capturable: on CUDA, keep step counts and per-tensor values on the device so that a
-            step can be captured in a CUDA graph (see docs/cuda.md); no effect elsewhere.
-        state_dtype: how state buffers are stored: None (the compute type), "float32" or
-            "bfloat16" (half the memory; the math stays in the compute type).
-        master_weights: for float16 and bfloat16 parameters, keep a float32 copy in the state
-            that the update reads and writes; the parameter is its rounding.
-        stochastic_rounding: round bfloat16 parameters stochastically (unbiased), from a
-            random stream keyed by `rounding_seed`, the step and each element's index.
+        **options: backend, capturable, state_dtype, master_weights, stochastic_rounding,
+            rounding_seed (see `stepjit.optim.Optimizer`).
 
     Example:
         >>> import numpy as np, stepjit
@@ -96,21 +89,14 @@ class Adagrad(Optimizer):
         *,
         scale: float = 1,
         clip_norm: float = 0,
-        backend: str | None = None,
-        capturable: bool = False,
-        state_dtype: str | None = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        rounding_seed: int = 0,
+        **options,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, scale=scale,
             clip_norm=clip_norm,
         )
-        super().__init__(params, defaults, backend=backend, capturable=capturable,
-                         state_dtype=state_dtype, master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
+        super().__init__(params, defaults, **options)
 
     def check_group(self, group: dict) -> None:
         check_number("lr", group["lr"])

@@ -212,6 +212,19 @@ class Optimizer:
                  capturable: bool = False, state_dtype: str | None = None,
                  master_weights: bool = False, stochastic_rounding: bool = False,
                  rounding_seed: int = 0) -> None:
+        """`params`: Parameters, or param-group dicts; `defaults`: every hyperparameter.
+
+        The options every optimizer takes (a subclass passes them on as `**options`):
+            backend: "llvm", "cuda" or "reference"; default: where the parameters live.
+            capturable: on CUDA, keep step counts and per-tensor values on the device so that
+                a step can be captured in a CUDA graph (docs/cuda.md); no effect elsewhere.
+            state_dtype: how state buffers are stored: None (the compute type), "float32" or
+                "bfloat16" (half the memory; the arithmetic stays in the compute type).
+            master_weights: keep a float32 copy of float16 and bfloat16 parameters in the
+                state, which the update reads and writes; the parameter is its rounding.
+            stochastic_rounding: round bfloat16 parameters stochastically (unbiased), from a
+                random stream keyed by `rounding_seed`, the step and each element's index.
+        """
         self._setup(defaults, [], {}, backend, capturable,
                     Storage(state_dtype, master_weights, stochastic_rounding, rounding_seed))
         if isinstance(params, (set, frozenset, dict)) or _is_tensor_like(params):
