@@ -208,3 +208,29 @@ def test_a_step_left_to_torch_refuses_stepjit_storage():
     with pytest.raises(ValueError, match="stochastic_rounding=True.*must be torch's"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3, dtype=torch.bfloat16))
+
+
+def test_a_resumed_adamw_continues_its_streams_exactly():
+    # the keys come from each parameter's step count, which the checkpoint keeps
+    rng = np.random.default_rng(8)
+    start = rng.standard_normal(5000).astype(BF16)
+    grads = [rng.standard_normal(5000).astype(BF16) for _ in range(4)]
+
+    def make(data):
+        w = stepjit.Parameter(data.copy())
+        return w, stepjit.optim.AdamW([w], lr=1e-3, stochastic_rounding=True, rounding_seed=4)
+
+    w, opt = make(start)
+    for g in grads:
+        w.grad = g
+        opt.step()
+    v, first = make(start)
+    for g in grads[:2]:
+        v.grad = g
+        first.step()
+    u, resumed = make(v.data)
+    resumed.load_state_dict(first.state_dict())
+    for g in grads[2:]:
+        u.grad = g
+        resumed.step()
+    assert u.data.tobytes() == w.data.tobytes()

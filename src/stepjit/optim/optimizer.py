@@ -913,8 +913,11 @@ class Optimizer:
         return self.capturable and backend.name == "cuda"
 
     def _rounding_keys(self, b: _Batch) -> np.ndarray:
-        """This step's stochastic rounding key of each tensor of `b` (see `rounding_keys`)."""
-        return rounding_keys(self.storage.rounding_seed, b.rounding, self._rounding_steps)
+        """This step's stochastic rounding key of each tensor of `b` (see `rounding_keys`):
+        from each parameter's own step count where the optimizer keeps one (it is in every
+        checkpoint, so a resumed run continues the streams), else from this optimizer's."""
+        steps = self._rounding_steps if b.steps is None else b.steps.astype(np.uint64)
+        return rounding_keys(self.storage.rounding_seed, b.rounding, steps)
 
     def _bind(self, backend: Backend, d: _Draft, captured: bool) -> Launch:
         if captured and "rounding_key" in d.rule.per_tensor_names:
@@ -1170,15 +1173,16 @@ class Storage:
             raise ValueError(f"rounding_seed must be an integer in [0, 2**64), got {seed!r}")
 
 
-def rounding_keys(seed: int, ids: np.ndarray, step: int) -> np.ndarray:
-    """The stochastic rounding key of each tensor (`ids`: uint64, one per tensor) at `step`:
+def rounding_keys(seed: int, ids: np.ndarray, step) -> np.ndarray:
+    """The stochastic rounding key of each tensor (`ids`: uint64, one per tensor) at `step`
+    (one count, or a uint64 array of each tensor's):
     SplitMix64's finalizer of the three mixed together, as float64 integers below 2**53 (the
     kernels then draw 16 bits per element from the key and the element's index). The same
     seed, parameters and steps give the same keys, hence the same rounding, on every backend
     and thread count."""
     with np.errstate(over="ignore"):  # 64-bit arithmetic wraps, as it should
         z = (np.uint64(int(seed) % 2**64) * RANDOM_MIX[0] + ids * RANDOM_MIX[1]
-             + np.uint64(step % 2**64) * RANDOM_MIX[2])
+             + (np.uint64(step % 2**64) if isinstance(step, int) else step) * RANDOM_MIX[2])
         z = (z ^ (z >> np.uint64(30))) * RANDOM_MIX[1]
         z = (z ^ (z >> np.uint64(27))) * RANDOM_MIX[2]
     z = z ^ (z >> np.uint64(31))
