@@ -35,6 +35,7 @@ from stepjit import codegen
 from stepjit.codegen import cuda
 from stepjit.codegen import llvm as llvm_codegen
 from stepjit.ir import (
+    CODE_MAPS,
     OPS,
     DType,
     Expr,
@@ -162,7 +163,7 @@ class Case:
 def _one_tensor(rule: UpdateRule, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(next(iter(columns.values())))
     return {s.name: rounded(columns[s.name], s.dtype) if s.name in columns
-            else np.zeros(n, s.dtype.to_numpy()) for s in rule.slots}
+            else np.zeros(s.length(n), s.dtype.to_numpy()) for s in rule.slots}
 
 
 def elementwise_case(op: Op, dtype: DType, rng) -> Case:
@@ -221,6 +222,68 @@ def reduction_case(op: Op, dtype: DType, rng) -> Case:
         want = [{"out": rounded([y] * len(x), expr.dtype)} for x, y in info.examples]
         stated.append((Run(tensors, np.zeros((len(tensors), 0))), want))
     return Case(op, dtype, rule, [run], stated)
+
+
+def code_values() -> np.ndarray:
+    """float32 values at and around every value of each code map: the values, the midpoints
+    between neighbours (ties) and their float32 neighbours, both signs, out of range, specials."""
+    out = [specials(F32), [1.5, 1 + 2.0**-20, -1 - 2.0**-20, 2.0**-40, -(2.0**-40)]]
+    for code_map in CODE_MAPS.values():
+        v = code_map.magnitudes().astype(np.float32)
+        mid = ((v[:-1].astype(np.float64) + v[1:]) / 2).astype(np.float32)
+        for x in (v, mid):
+            out += [x, -x, np.nextafter(x, np.float32(2)), np.nextafter(x, np.float32(-2))]
+    return np.concatenate(out).astype(np.float64)
+
+
+def coded_case(op: Op, dtype: DType, rng) -> Case:
+    """ENCODE (ENCODE_SR: with a float64 key per tensor, one tensor per key) of float32 values
+    around every code (ties included), or DECODE of every code, in each code map; the
+    record's examples are in the signed map (ENCODE_SR: keys 0 and 7 whose draws cannot
+    change them)."""
+    info = OPS[op]
+    operands = (tensor("x", dtype),) + ((per_tensor("key", F64),) if info.indexed else ())
+    outputs = {name: Expr(op, info.produces, operands, name) for name in CODE_MAPS}
+    rule = UpdateRule(f"{op.value}_{dtype}", [Slot("x", dtype)]
+                      + [Slot(n, info.produces, True) for n in outputs], outputs)
+    values = (np.arange(256.0) if dtype is DType.U8
+              else np.concatenate([code_values(), random_values(F32, 500, rng)]))
+    keys = np.array([[0.0], [12345.0], [2.0**53 - 1]]) if info.indexed else np.zeros((1, 0))
+    run = Run([_one_tensor(rule, {"x": values}) for _ in keys], keys)
+    stated = []
+    if info.indexed:  # one tensor per example, its key in the table
+        tensors = [_one_tensor(rule, {"x": np.array([x])}) for (x, _), _ in info.examples]
+        want = [{"signed": rounded([y], info.produces)} for _, y in info.examples]
+        keys = np.array([[k] for (_, k), _ in info.examples])
+        stated.append((Run(tensors, keys), want))
+    else:
+        xs = np.array([x for (x,), _ in info.examples])
+        want = {"signed": rounded([y for _, y in info.examples], info.produces)}
+        stated.append((Run([_one_tensor(rule, {"x": xs})], np.zeros((1, 0))), [want]))
+    return Case(op, dtype, rule, [run], stated)
+
+
+def block_case(op: Op, dtype: DType, rng) -> Case:
+    """A block reduction over tensors of several sizes (partial last blocks, several chunks),
+    some blocks holding NaN, an infinity or only zeros: the value each element reads, and the
+    one per-block slot stores; each example is a tensor of its own."""
+    info = OPS[op]
+    expr = apply(op, tensor("x", dtype))
+    rule = UpdateRule(f"{op.value}_{dtype}", [Slot("x", dtype), Slot("out", dtype, True),
+                                              Slot("scale", dtype, True, per_block=True)],
+                      {"out": expr, "scale": expr})
+    tensors = []
+    for n in [1000, 3, 70001, 1, 0, 256, 257, 512]:
+        x = rng.standard_normal(n) * np.exp2(rng.integers(-8, 8, n))
+        x[300:310:3] = [np.nan, np.inf, -0.0, 1e-42][: len(x[300:310:3])]
+        x[600:856] = 0.0
+        tensors.append(_one_tensor(rule, {"x": x}))
+    run = Run(tensors, np.zeros((len(tensors), 0)))
+    examples = [_one_tensor(rule, {"x": np.array(x)}) for x, _ in info.examples]
+    want = [{"out": rounded([y] * len(x), dtype), "scale": rounded([y], dtype)}
+            for x, y in info.examples]
+    return Case(op, dtype, rule, [run],
+                [(Run(examples, np.zeros((len(examples), 0))), want)])
 
 
 def leaf_values(dtype: DType) -> np.ndarray:
@@ -299,8 +362,12 @@ def build_case(op: Op, dtype: DType) -> Case:
     info = OPS[op]
     if info.kind is Kind.LEAF:
         return LEAF_CASES[op](op, dtype, rng)
+    if info.produces is not None:
+        return coded_case(op, dtype, rng)
     if info.indexed:
         return indexed_case(op, dtype, rng)
+    if info.kind is Kind.BLOCK:
+        return block_case(op, dtype, rng)
     if info.kind is Kind.REDUCE:
         return reduction_case(op, dtype, rng)
     if info.result is Result.GIVEN:
@@ -403,7 +470,7 @@ def ordered(a: np.ndarray) -> np.ndarray:
 def assert_same(got: np.ndarray, want: np.ndarray, ulps: int, what: str) -> None:
     """Equal bits (any NaN matching any NaN), or at most `ulps` apart."""
     assert got.dtype == want.dtype, what
-    if want.dtype == np.bool_:
+    if want.dtype in (np.bool_, np.uint8):
         bad = np.flatnonzero(got != want)
     else:
         g, w = got.astype(np.float64), want.astype(np.float64)

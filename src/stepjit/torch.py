@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 from . import optim as _optim
+from .ir import scales_of
+from .optim.compact import check_pair
 from .optim.optimizer import _snapshot
 from .optim.optimizer import required as _required
 from .parameter import Parameter
@@ -162,10 +164,12 @@ class Optimizer(torch.optim.Optimizer):
         return (_unpickled, (self.engine, self.torch_class), self.__getstate__())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's `load_state_dict`, keeping the saved precision of floating state: torch casts
-        every state tensor to its parameter's dtype, which would round the float32 state and
-        master copies stepjit keeps for half parameters (stepjit converts what it must itself,
-        at the next step)."""
+        """torch's `load_state_dict`, keeping the saved dtype of state: torch casts every state
+        tensor to its parameter's dtype, which would round the float32 state and master copies
+        stepjit keeps for half parameters and turn 8-bit codes into numbers (stepjit converts
+        what it must itself, at the next step). 8-bit state is checked first: codes whose
+        scales do not match are refused before anything changes."""
+        _check_compact(state_dict, [p for g in self.param_groups for p in g["params"]])
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = (i for g in state_dict["param_groups"] for i in g["params"])
@@ -174,7 +178,7 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in saved.get(i, {}).items():
                 loaded = self.state.get(p, {}).get(key)
                 if (isinstance(value, torch.Tensor) and isinstance(loaded, torch.Tensor)
-                        and value.is_floating_point() and value.dtype != loaded.dtype):
+                        and value.dtype != loaded.dtype):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
 
     @property
@@ -381,6 +385,22 @@ def _engine_defaults(engine: type, values: dict) -> dict:
 def _unpickled(engine: type, torch_class: type | None) -> Optimizer:
     cls = optimizer_for(engine, torch_class)
     return cls.__new__(cls)
+
+
+def _check_compact(state_dict, params: list) -> None:
+    """Raise ValueError for 8-bit state in `state_dict` whose codes and scales do not match
+    each other and their parameter (torch checks the rest of the layout)."""
+    try:
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
+    except (TypeError, KeyError):
+        return  # torch's load_state_dict names what is malformed
+    for i, p in zip(ids, params):
+        buffers = saved.get(i) if isinstance(saved, dict) else None
+        for name, value in (buffers.items() if isinstance(buffers, dict) else ()):
+            scales = buffers.get(scales_of(name))
+            if scales is not None and name != "step":
+                check_pair(f"state_dict: parameter {i}", name, value, scales, tuple(p.shape))
 
 
 def _live_lr(group: dict) -> torch.Tensor | None:

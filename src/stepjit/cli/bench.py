@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import optim
-from ..ir import DType, Op, Slot, UpdateRule, tensor
+from ..ir import QUANT_BLOCK, DType, Op, Slot, UpdateRule, tensor
 from ..optim import OPTIMIZERS, registry
 from ..parameter import Parameter
 from ..runtime import cache as kcache
@@ -49,8 +49,14 @@ CONFIGS: dict[str, dict] = {
     "nesterov": dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True),
     "clip": dict(lr=0.01, momentum=0.9, weight_decay=1e-4, clip_norm=1.0),
     "adam": dict(optimizer="adam", lr=1e-3),
+    "adam-int8": dict(optimizer="adam", lr=1e-3, state_dtype="int8"),
 }
-"""The default configurations (float32); "optimizer" names the optimizer (default: sgd)."""
+"""The default configurations (float32 parameters); "optimizer" names the optimizer (default:
+sgd). Storage options (`state_dtype`, ...) are stepjit's alone: the numpy and torch competitors
+run the same update with float32 state."""
+
+STORAGE_OPTIONS = frozenset({"state_dtype", "master_weights", "stochastic_rounding",
+                             "rounding_seed"})
 
 PLACEHOLDER = 0.01
 """The value a configuration gives a hyperparameter that has no default (SGD's lr)."""
@@ -126,7 +132,7 @@ class Row:
     dtype: str
     tensors: int
     elements: int
-    bytes_per_element: int
+    bytes_per_element: float
     compile_ms: dict[str, float]  # trace, lower, parse, optimize, codegen, load: a cold compile
     disk_load_ms: float  # kernel from the disk cache into a fresh engine
     first_step_ms: dict[str, float]  # cold, disk, memory
@@ -195,21 +201,23 @@ def _loads(roots: list, into_sums: bool) -> set[str]:
     return slots
 
 
-def _bytes_per_element(rule: UpdateRule) -> int:
+def _bytes_per_element(rule: UpdateRule) -> float:
     """Bytes moved per element by one step: a slot is read once by each pass that loads it (the
-    reduce pass, when the rule has reductions, and the update pass) and written once."""
+    reduce pass, when the rule has reductions, and the update pass) and written once (a
+    per-block slot: one value per QUANT_BLOCK elements)."""
     update = _loads([e for _, e in rule.outputs], into_sums=False)
     reduce = _loads([r.src[0] for r in rule.reductions], into_sums=True)
-    return sum(s.dtype.itemsize * ((s.name in update) + (s.name in reduce) + s.written)
-               for s in rule.slots)
+    return sum(s.dtype.itemsize / (QUANT_BLOCK if s.per_block else 1)
+               * ((s.name in update) + (s.name in reduce) + s.written) for s in rule.slots)
 
 
 def _probe_rule(rule: UpdateRule) -> UpdateRule:
     """Moves exactly the bytes `rule` moves, with no arithmetic: the bandwidth yardstick.
 
-    Each written slot gets itself plus the gradient; when the rule has a reduce pass, the probe
-    has one too, reading the same slots (its sum, times zero, joins every output)."""
-    slots = [Slot(s.name, s.dtype, s.written) for s in rule.slots]
+    Each written float slot gets itself plus the gradient, 8-bit codes and per-block scales
+    themselves; when the rule has a reduce pass, the probe has one too, reading the same slots
+    (its sum, times zero, joins every float output)."""
+    slots = [Slot(s.name, s.dtype, s.written, per_block=s.per_block) for s in rule.slots]
     src = tensor("grad", rule.slot("grad").dtype)
     reread = sorted(_loads([r.src[0] for r in rule.reductions], into_sums=True))
     total = None
@@ -218,7 +226,9 @@ def _probe_rule(rule: UpdateRule) -> UpdateRule:
         total = term if total is None else total + term
     outs = {}
     for s in slots:
-        if s.written:
+        if s.written and (s.per_block or not s.dtype.is_float):
+            outs[s.name] = tensor(s.name, s.dtype)
+        elif s.written:
             out = tensor(s.name, s.dtype) + src.cast(s.dtype)
             outs[s.name] = out if total is None else out + (total * 0.0).cast(s.dtype)
     return UpdateRule("probe", slots, outs)
@@ -298,6 +308,7 @@ def _numpy_step(params, cfg) -> Callable[[], None] | None:
     """The same update as stepjit with numpy in-place ufuncs; None when none is written here for
     this optimizer and these hyperparameters."""
     cls, kwargs = _optimizer(cfg)
+    kwargs = {k: v for k, v in kwargs.items() if k not in STORAGE_OPTIONS}
     step, implemented = _NUMPY_STEPS.get(cls, (None, set()))
     if step is None or not kwargs.keys() <= implemented:
         return None
@@ -308,6 +319,7 @@ def _torch_step(params, cfg) -> Callable[[], None] | None:
     """torch.optim's class of the same name as a built-in optimizer, fused; None when torch is
     not installed, has no such class, or cannot run it fused with these arguments."""
     cls, kwargs = _optimizer(cfg)
+    kwargs = {k: v for k, v in kwargs.items() if k not in STORAGE_OPTIONS}
     if importlib.util.find_spec("torch") is None or kwargs.get("clip_norm"):
         return None  # torch's optimizers have no per-tensor clipping
     import torch

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from llvmlite import ir
 
 from ..ir import OPS, DType, Expr, Op, UpdateRule
-from ..ir.ops import RANDOM_MIX
+from ..ir.ops import CODE_MAPS, HASH32, QUANT_BLOCK, RANDOM_MIX
 from . import check_supported
 
-I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
+                         ir.IntType(64))
 F32, F64, HALF = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 PTR = ir.PointerType()
 KERNEL_TYPE = ir.FunctionType(ir.VoidType(), [PTR] * 6 + [I64, I64])
@@ -53,7 +54,7 @@ def value_type(dtype: DType, f16_native: bool) -> ir.Type:
     """How a value of `dtype` is held in registers (and in memory)."""
     if dtype is DType.F16:
         return HALF if f16_native else I16
-    return {DType.BOOL: I1, DType.BF16: I16, DType.F32: F32, DType.F64: F64}[dtype]
+    return {DType.BOOL: I1, DType.BF16: I16, DType.F32: F32, DType.F64: F64, DType.U8: I8}[dtype]
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _Ctx:
     values: dict[Expr, ir.Value] = field(default_factory=dict)
     slots: dict[str, ir.Value] = field(default_factory=dict)  # slot name -> data pointer
     index: ir.Value | None = None  # the element index inside an element loop
+    per_block: frozenset = frozenset()  # slots holding one value per block (read at index >> 8)
     labels: dict[Expr, str] = field(default_factory=dict)  # node -> "v7.mul"
 
     @property
@@ -139,7 +141,10 @@ def _external(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
 
 def _load(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
     ty = value_type(node.dtype, ctx.f16_native)
-    ptr = ctx.builder.gep(ctx.slots[node.arg], [ctx.index], inbounds=True, source_etype=ty)
+    index = ctx.index
+    if node.arg in ctx.per_block:
+        index = ctx.builder.lshr(index, I64(QUANT_BLOCK.bit_length() - 1))
+    ptr = ctx.builder.gep(ctx.slots[node.arg], [index], inbounds=True, source_etype=ty)
     return ctx.builder.load(ptr, typ=ty, align=node.dtype.itemsize)
 
 
@@ -166,17 +171,87 @@ def _i64(value: int) -> ir.Constant:
     return I64(value - (1 << 64) if value >= 1 << 63 else value)
 
 
-def _round_sr(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
-    """float32 to bfloat16 bits, stochastically (`ops.random_bits16`, `OPS[Op.ROUND_SR]`)."""
-    b, (x, key) = ctx.builder, ops
+def _random_bits16(ctx: _Ctx, key: ir.Value) -> ir.Value:
+    """16 random bits (an i32) of the element: `ops.random_bits16(key, index)`."""
+    b = ctx.builder
     z = b.add(b.mul(b.fptoui(key, I64), _i64(int(RANDOM_MIX[0]))), ctx.index)
     z = b.mul(b.xor(z, b.lshr(z, I64(30))), _i64(int(RANDOM_MIX[1])))
     z = b.mul(b.xor(z, b.lshr(z, I64(27))), _i64(int(RANDOM_MIX[2])))
     z = b.xor(z, b.lshr(z, I64(31)))
+    return b.trunc(b.lshr(z, I64(48)), I32)
+
+
+def _hash_bits16(ctx: _Ctx, key: ir.Value) -> ir.Value:
+    """16 random bits (an i32) of the element: `ops.hash_bits16(key, index)`."""
+    b = ctx.builder
+    x = b.add(b.trunc(b.fptoui(key, I64), I32), b.trunc(ctx.index, I32))
+    x = b.mul(b.xor(x, b.lshr(x, I32(16))), _i32(int(HASH32[0])))
+    x = b.mul(b.xor(x, b.lshr(x, I32(15))), _i32(int(HASH32[1])))
+    return b.lshr(b.xor(x, b.lshr(x, I32(16))), I32(16))
+
+
+def _i32(value: int) -> ir.Constant:
+    """A 32-bit constant from its unsigned value."""
+    return I32(value - (1 << 32) if value >= 1 << 31 else value)
+
+
+def _round_sr(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    """float32 to bfloat16 bits, stochastically (`ops.random_bits16`, `OPS[Op.ROUND_SR]`)."""
+    b, (x, key) = ctx.builder, ops
     bits = b.bitcast(x, I32)
-    up = b.trunc(b.lshr(b.add(bits, b.trunc(b.lshr(z, I64(48)), I32)), I32(16)), I16)
+    up = b.trunc(b.lshr(b.add(bits, _random_bits16(ctx, key)), I32(16)), I16)
     special = b.icmp_unsigned("==", b.and_(bits, I32(0x7F800000)), I32(0x7F800000))
     return b.select(special, _float_to_bfloat(b, x), up)
+
+
+def _decode(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    """A code's float32 value (`ops.CodeMap.decode`): its bits, but in the subnormal binade."""
+    b, cm = ctx.builder, CODE_MAPS[node.arg]
+    c = b.zext(ops[0], I32)
+    mag = b.and_(c, I32(0x7F if cm.signed else 0xFF))
+    field = b.lshr(mag, I32(cm.fraction))
+    frac = b.and_(mag, I32(2**cm.fraction - 1))
+    normal = b.or_(b.shl(b.add(field, I32(127 - cm.bias)), I32(23)),
+                   b.shl(frac, I32(23 - cm.fraction)))
+    sub = b.fmul(b.uitofp(frac, F32), ir.Constant(F32, 2.0 ** (1 - cm.bias - cm.fraction)))
+    value = b.select(b.icmp_unsigned("==", field, I32(0)), b.bitcast(sub, I32), normal)
+    if cm.signed:
+        value = b.or_(value, b.shl(b.and_(c, I32(0x80)), I32(24)))
+    return b.bitcast(value, F32)
+
+
+def _encode(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
+    """The code of a float32 in a code map: to nearest-even (ENCODE, `CodeMap.encode`), as
+    float to half conversion rounds (`_soft_float_to_half`), or stochastically (ENCODE_SR,
+    `CodeMap.encode_stochastic`)."""
+    b, cm, x = ctx.builder, CODE_MAPS[node.arg], ops[0]
+    one, zero = ir.Constant(F32, 1.0), ir.Constant(F32, 0.0)
+    a = ctx.builder.call(ctx.intrinsic("llvm.fabs", F32), [x]) if cm.signed else x
+    a = b.select(b.fcmp_ordered("<=", a, one), a, b.select(b.fcmp_ordered(">", a, one), one, zero))
+    a = b.select(b.fcmp_ordered("<", a, zero), zero, a)  # unsigned: negative values give 0
+    bits = b.bitcast(a, I32)
+    shift = 23 - cm.fraction
+    rebias = ((cm.bias - 127) << 23) % 2**32 - 2**32  # as a signed i32 constant
+    if node.op is Op.ENCODE_SR:
+        random = _hash_bits16(ctx, ops[1])
+        normal = b.lshr(b.add(b.add(bits, b.shl(random, I32(shift - 16))), I32(rebias)),
+                        I32(shift))
+        t = b.fmul(a, ir.Constant(F32, 2.0 ** (cm.bias + cm.fraction - 1)))
+        u = b.fmul(b.uitofp(random, F32), ir.Constant(F32, 2.0**-16))
+        tiny = b.fptoui(b.fadd(t, u), I32)
+    else:
+        odd = b.and_(b.lshr(bits, I32(shift)), I32(1))
+        normal = b.lshr(b.add(bits, b.add(I32(rebias + (1 << (shift - 1)) - 1), odd)),
+                        I32(shift))
+        magic = ir.Constant(F32, 2.0 ** (1 - cm.bias - cm.fraction + 23))
+        tiny = b.sub(b.bitcast(b.fadd(a, magic), I32), b.bitcast(magic, I32))
+    smallest_normal = ir.Constant(F32, 2.0 ** (1 - cm.bias))
+    code = b.select(b.fcmp_ordered("<", a, smallest_normal), tiny, normal)
+    if cm.signed:  # the sign bit of x, but for NaN
+        negative = b.and_(b.icmp_signed("<", b.bitcast(x, I32), I32(0)),
+                          b.fcmp_ordered("ord", x, x))
+        code = b.or_(code, b.select(negative, I32(0x80), I32(0)))
+    return b.trunc(code, I8)
 
 
 LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
@@ -184,6 +259,10 @@ LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.SCALAR: _external,  # loaded from the scalars array at kernel entry
     Op.PER_TENSOR: _external,  # loaded from the per-tensor table for each chunk
     Op.SUM: _external,  # added up from the partials for each chunk
+    Op.BLOCK_ABSMAX: _external,  # the block loop's running maximum (`_block_loop`)
+    Op.ENCODE: _encode,
+    Op.ENCODE_SR: _encode,
+    Op.DECODE: _decode,
     Op.CONST: _const,
     Op.CAST: _cast,
     Op.ROUND_SR: _round_sr,
@@ -236,7 +315,10 @@ def lower(rule: UpdateRule, *, f16_native: bool = True) -> ir.Module:
         sources = [r.src[0] for r in rule.reductions]
         body = _element_function(module, rule, f"{reduce_name}_body", sources, f16_native, True)
         _chunk_kernel(module, rule, reduce_name, body, sources, f16_native, reduce=True)
-    body = _element_function(module, rule, f"{update_name}_body", out_exprs, f16_native, False)
+    if blocked(rule):
+        body = _block_function(module, rule, f"{update_name}_body", f16_native)
+    else:
+        body = _element_function(module, rule, f"{update_name}_body", out_exprs, f16_native, False)
     _chunk_kernel(module, rule, update_name, body, out_exprs, f16_native, reduce=False)
     return module
 
@@ -297,7 +379,7 @@ def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Funct
             acc = b.phi(F64, name=f"sum{r}")
             acc.add_incoming(ir.Constant(F64, 0.0), entry)
             sums.append(acc)
-    ctx = _Ctx(b, f16_native, index=i, labels=_labels(rule))
+    ctx = _Ctx(b, f16_native, index=i, labels=_labels(rule), per_block=_per_block(rule))
     ctx.slots = dict(zip(fn.slot_names, fn.args))
     ctx.values.update(zip(uniform, fn.args[len(slots):]))
     _emit(ctx, order)
@@ -327,6 +409,175 @@ def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Funct
             totals.append(total)
         for r, total in enumerate(totals):
             b.store(total, b.gep(out, [I64(r)], source_etype=F64), align=8)
+    b.ret_void()
+    return fn
+
+
+def blocked(rule: UpdateRule) -> bool:
+    """Whether the update runs block by block (`_block_function`): the rule reduces over
+    blocks, or writes a per-block slot, which its elements read as it was before the step."""
+    return bool(rule.block_reductions) or any(s.per_block and s.written for s in rule.slots)
+
+
+def _per_block(rule: UpdateRule) -> frozenset:
+    return frozenset(s.name for s in rule.slots if s.per_block)
+
+
+def _block_function(module, rule, name, f16_native) -> ir.Function:
+    """The element loop of a rule with block reductions (8-bit state), one block of
+    QUANT_BLOCK elements at a time, in two passes over the block (its values stay in cache):
+
+    1. every node that needs no block reduction; outputs that need none are stored, each
+       block reduction's operand folds into its running maximum, and the values pass 2 reads
+       are kept in a stack buffer of one block;
+    2. the nodes that need the block's reductions (each code: value / block maximum); their
+       outputs are stored, and the per-block outputs once, at index block >> 8.
+
+    The maximum of magnitudes is an unsigned maximum of their bits (sign cleared), which a
+    NaN wins: both loops vectorize. Chunks begin at multiples of QUANT_BLOCK in their tensor.
+    """
+    blocks = rule.block_reductions
+    late = set(blocks)  # nodes that need a block reduction
+    for n in rule.nodes:
+        if n.elementwise and any(s in late for s in n.src):
+            late.add(n)
+    late -= set(blocks)
+    per_block = _per_block(rule)
+    late_or_block = late | set(blocks)
+    outputs = [(slot, e) for slot, e in rule.outputs if slot not in per_block]
+    early_roots = [e for _, e in outputs if e not in late_or_block] + [r.src[0] for r in blocks]
+    late_roots = [e for _, e in outputs if e in late_or_block]
+    early, inputs = _reachable_elementwise(early_roots)
+    early -= late | set(blocks)
+    block_outputs = [(slot, e) for slot, e in rule.outputs if slot in per_block]
+    _, late_inputs = _reachable_elementwise(late_roots + [e for _, e in block_outputs])
+    uniform = [n for n in rule.nodes if n in (inputs | late_inputs) and n not in blocks]
+    kept = [n for n in rule.nodes if n in early and any(n in s.src for s in late)]
+
+    slots = list(rule.slots)
+    arg_types = [PTR] * len(slots) + [value_type(u.dtype, f16_native) for u in uniform] + [I64, I64]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name=name)
+    fn.linkage = "internal"
+    for a, s in zip(fn.args, slots):
+        a.add_attribute("noalias")
+        a.name = s.name
+    labels = _labels(rule)
+    for a, u in zip(fn.args[len(slots):], uniform):
+        a.name = u.arg if u.op in (Op.SCALAR, Op.PER_TENSOR) else labels[u]
+    begin, end = fn.args[-2:]
+    begin.name, end.name = "begin", "end"
+    fn.uniform_inputs = uniform
+    fn.slot_names = [s.name for s in slots]
+    slot_args = dict(zip(fn.slot_names, fn.args))
+    uniform_values = dict(zip(uniform, fn.args[len(slots):]))
+
+    entry = fn.append_basic_block("entry")
+    block = fn.append_basic_block("block")
+    first = fn.append_basic_block("first")
+    middle = fn.append_basic_block("middle")
+    second = fn.append_basic_block("second")
+    next_block = fn.append_basic_block("next_block")
+    done = fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    buffers = {n: b.alloca(value_type(n.dtype, f16_native), size=I64(QUANT_BLOCK),
+                           name=f"kept.{labels[n]}") for n in kept}
+    b.cbranch(b.icmp_signed("<", begin, end), block, done)
+
+    def store(ctx, slot, value, index, dtype):
+        ty = value_type(dtype, f16_native)
+        ptr = ctx.builder.gep(slot_args[slot], [index], inbounds=True, source_etype=ty)
+        ctx.builder.store(value, ptr, align=dtype.itemsize)
+
+    def kept_at(builder, n, offset):
+        return builder.gep(buffers[n], [offset], inbounds=True,
+                           source_etype=value_type(n.dtype, f16_native))
+
+    b.position_at_end(block)
+    start = b.phi(I64, name="block.start")
+    start.add_incoming(begin, entry)
+    stop = b.add(start, I64(QUANT_BLOCK))
+    stop = b.select(b.icmp_signed("<", stop, end), stop, end, name="block.end")
+    # the block's values of per-block slots (its scales), read once
+    bctx = _Ctx(b, f16_native, index=start, labels=labels, per_block=per_block)
+    bctx.slots = slot_args
+    block_loads = [n for n in rule.nodes if n.op is Op.TENSOR and n.arg in per_block]
+    _emit(bctx, block_loads)
+    b.branch(first)
+
+    # pass 1
+    b.position_at_end(first)
+    i = b.phi(I64, name="i")
+    i.add_incoming(start, block)
+    maxima = []
+    for _ in blocks:  # loop-carried maxima: phis must open the block
+        m = b.phi(I32, name="absmax.bits")
+        m.add_incoming(I32(0), block)
+        maxima.append(m)
+    ctx = _Ctx(b, f16_native, index=i, labels=labels, per_block=per_block)
+    ctx.slots = slot_args
+    ctx.values.update(uniform_values)
+    ctx.values.update(bctx.values)
+    _emit(ctx, [n for n in rule.nodes if n in early])
+    for slot, e in outputs:
+        if e not in late_or_block:
+            store(ctx, slot, ctx.values[e], i, e.dtype)
+    offset = b.sub(i, start)
+    for n in kept:
+        b.store(ctx.values[n], kept_at(b, n, offset))
+    new_maxima = []
+    for m, r in zip(maxima, blocks):
+        bits = b.and_(b.bitcast(ctx.values[r.src[0]], I32), I32(0x7FFFFFFF))
+        new = b.select(b.icmp_unsigned(">", bits, m), bits, m)
+        m.add_incoming(new, first)
+        new_maxima.append(new)
+    i_next = b.add(i, I64(1))
+    i.add_incoming(i_next, first)
+    b.cbranch(b.icmp_signed("<", i_next, stop), first, middle)
+
+    # the block's reductions, and what is stored once per block
+    b.position_at_end(middle)
+    reduced = {r: b.bitcast(m, F32, name=labels[r]) for r, m in zip(blocks, new_maxima)}
+    mctx = _Ctx(b, f16_native, index=start, labels=labels, per_block=per_block)
+    mctx.slots = slot_args
+    mctx.values.update(uniform_values)
+    mctx.values.update(bctx.values)
+    mctx.values.update(reduced)
+    index = b.lshr(start, I64(QUANT_BLOCK.bit_length() - 1))
+    for slot, e in block_outputs:  # from the reductions and per-block loads only (UpdateRule)
+        needed, todo = set(), [e]
+        while todo:
+            n = todo.pop()
+            if n.elementwise and n not in reduced and n not in needed:
+                needed.add(n)
+                todo.extend(n.src)
+        _emit(mctx, [n for n in rule.nodes if n in needed])
+        store(mctx, slot, mctx.values[e], index, e.dtype)
+    b.branch(second)
+
+    # pass 2
+    b.position_at_end(second)
+    j = b.phi(I64, name="j")
+    j.add_incoming(start, middle)
+    lctx = _Ctx(b, f16_native, index=j, labels=labels, per_block=per_block)
+    lctx.slots = slot_args
+    lctx.values.update(uniform_values)
+    lctx.values.update(bctx.values)
+    lctx.values.update(reduced)
+    offset = b.sub(j, start)
+    for n in kept:
+        lctx.values[n] = b.load(kept_at(b, n, offset), typ=value_type(n.dtype, f16_native))
+    _emit(lctx, [n for n in rule.nodes if n in late])
+    for slot, e in outputs:
+        if e in late_or_block:
+            store(lctx, slot, lctx.values[e], j, e.dtype)
+    j_next = b.add(j, I64(1))
+    j.add_incoming(j_next, second)
+    b.cbranch(b.icmp_signed("<", j_next, stop), second, next_block)
+
+    b.position_at_end(next_block)
+    start.add_incoming(stop, next_block)
+    b.cbranch(b.icmp_signed("<", stop, end), block, done)
+    b.position_at_end(done)
     b.ret_void()
     return fn
 

@@ -8,7 +8,11 @@ from .dtypes import DType
 from .expr import (
     Expr,
     apply,
+    block_absmax,
     const,
+    decode,
+    encode,
+    encode_stochastic,
     exp,
     log,
     maximum,
@@ -22,10 +26,21 @@ from .expr import (
     where,
 )
 from .interp import evaluate
-from .ops import OPS, Op, OpInfo
-from .rule import Slot, UpdateRule, stored_as, with_master, with_stochastic_rounding
+from .ops import CODE_MAPS, OPS, QUANT_BLOCK, CodeMap, Op, OpInfo
+from .rule import (
+    Slot,
+    UpdateRule,
+    quantized,
+    scales_of,
+    stored_as,
+    with_master,
+    with_stochastic_rounding,
+)
 
 __all__ = [
+    "CODE_MAPS",
+    "CodeMap",
+    "QUANT_BLOCK",
     "DType",
     "Expr",
     "OPS",
@@ -33,11 +48,17 @@ __all__ = [
     "OpInfo",
     "Slot",
     "UpdateRule",
+    "quantized",
+    "scales_of",
     "stored_as",
     "with_master",
     "with_stochastic_rounding",
     "apply",
+    "block_absmax",
     "const",
+    "decode",
+    "encode",
+    "encode_stochastic",
     "evaluate",
     "exp",
     "log",

@@ -15,6 +15,8 @@ class DType(enum.Enum):
     BF16 = "bfloat16"
     F32 = "float32"
     F64 = "float64"
+    U8 = "uint8"  # the codes of 8-bit state (`ops.CODE_MAPS`): storage only, never arithmetic
+    I8 = "int8"  # host arrays of signed codes (a kernel sees bytes: U8)
 
     def __repr__(self) -> str:
         return f"DType.{self.name}"
@@ -28,7 +30,7 @@ class DType(enum.Enum):
 
     @property
     def is_float(self) -> bool:
-        return self is not DType.BOOL
+        return self not in (DType.BOOL, DType.U8, DType.I8)
 
     @property
     def is_half(self) -> bool:
@@ -57,7 +59,8 @@ class DType(enum.Enum):
             return None
 
 
-_ITEMSIZE = {DType.BOOL: 1, DType.F16: 2, DType.BF16: 2, DType.F32: 4, DType.F64: 8}
+_ITEMSIZE = {DType.BOOL: 1, DType.F16: 2, DType.BF16: 2, DType.F32: 4, DType.F64: 8, DType.U8: 1,
+             DType.I8: 1}
 
 
 def _bfloat16() -> type:

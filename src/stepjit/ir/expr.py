@@ -17,7 +17,7 @@ import weakref
 from typing import Union
 
 from .dtypes import DType
-from .ops import LEAVES, OPS, Kind, Op, Result, accepted
+from .ops import CODE_MAPS, LEAVES, OPS, Kind, Op, Result, accepted
 
 Operand = Union["Expr", int, float]
 
@@ -163,6 +163,12 @@ def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
     _check_arity(op, len(src))
     if info.arg is str and not (isinstance(arg, str) and arg.isidentifier()):
         raise ValueError(f"{op.value}: a leaf needs an identifier name, got {arg!r}")
+    if info.produces is not None:
+        if arg not in CODE_MAPS:
+            raise ValueError(f"{op.value}: unknown code map {arg!r}: choose "
+                             f"{', '.join(map(repr, CODE_MAPS))}")
+        if dtype is not info.produces:
+            raise TypeError(f"{op.value} gives {info.produces}, not {dtype}")
     if info.condition:
         if src[0].dtype is not DType.BOOL:
             raise TypeError(f"{op.value}: the condition must be bool, not {src[0].dtype}")
@@ -170,8 +176,9 @@ def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
     if not src:
         return
     if info.indexed:  # a value and its float64 key
-        if (src[0].dtype, src[1].dtype, dtype) != (DType.F32, DType.F64, DType.BF16):
-            raise TypeError(f"{op.value} rounds a float32 value with a float64 key to bfloat16, "
+        result = info.produces or DType.BF16
+        if (src[0].dtype, src[1].dtype, dtype) != (DType.F32, DType.F64, result):
+            raise TypeError(f"{op.value} rounds a float32 value with a float64 key to {result}, "
                             f"not {src[0].dtype} with {src[1].dtype} to {dtype}")
         return
     operand = src[0].dtype
@@ -182,16 +189,19 @@ def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
         raise TypeError(f"{op.value} takes {accepted(info.accepts)} operands, not {operand}")
     if info.result is not Result.GIVEN and dtype is not info.result_dtype(operand):
         raise TypeError(f"{op.value} of {operand} is {info.result_dtype(operand)}, not {dtype}")
-    if info.kind is Kind.REDUCE and _contains_reduction(src[0]):
+    if info.kind is Kind.REDUCE and _contains_reduction(src[0], (Kind.REDUCE, Kind.BLOCK)):
         raise ValueError(f"a {op.value} may not contain another reduction "
                          "(one reduction pass per kernel)")
+    if info.kind is Kind.BLOCK and _contains_reduction(src[0], (Kind.BLOCK,)):
+        raise ValueError(f"a {op.value} may not contain another block reduction "
+                         "(one pass over each block before its values are stored)")
 
 
-def _contains_reduction(root: Expr) -> bool:
+def _contains_reduction(root: Expr, kinds: tuple[Kind, ...]) -> bool:
     seen, todo = set(), [root]
     while todo:
         e = todo.pop()
-        if OPS[e.op].kind is Kind.REDUCE:
+        if OPS[e.op].kind in kinds:
             return True
         if id(e) not in seen:
             seen.add(id(e))
@@ -233,6 +243,28 @@ def stochastic_round(x: Expr, key: Expr) -> Expr:
     element's index within its tensor): see `OPS[Op.ROUND_SR]`. `key` is a float64 holding an
     integer in [0, 2**53): a new one every step gives new rounding decisions."""
     return Expr(Op.ROUND_SR, DType.BF16, (x, key))
+
+
+def block_absmax(x: Expr) -> Expr:
+    """The largest magnitude of float32 `x` over the element's block of `ops.QUANT_BLOCK`
+    elements (see `OPS[Op.BLOCK_ABSMAX]`): the scale of 8-bit state."""
+    return apply(Op.BLOCK_ABSMAX, x)
+
+
+def encode(x: Expr, code_map: str) -> Expr:
+    """The uint8 code of float32 `x` (in [-1, 1]) in `ops.CODE_MAPS[code_map]`."""
+    return Expr(Op.ENCODE, DType.U8, (x,), code_map)
+
+
+def encode_stochastic(x: Expr, key: Expr, code_map: str) -> Expr:
+    """The uint8 code of float32 `x` (in [-1, 1]) in `ops.CODE_MAPS[code_map]`, rounded
+    stochastically from (`key`, the element's index): see `OPS[Op.ENCODE_SR]`."""
+    return Expr(Op.ENCODE_SR, DType.U8, (x, key), code_map)
+
+
+def decode(code: Expr, code_map: str) -> Expr:
+    """The float32 value of uint8 `code` in `ops.CODE_MAPS[code_map]`."""
+    return Expr(Op.DECODE, DType.F32, (code,), code_map)
 
 
 def maximum(a: Expr, b: Operand) -> Expr:

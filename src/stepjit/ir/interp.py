@@ -13,7 +13,7 @@ import numpy as np
 
 from .dtypes import DType
 from .expr import Expr
-from .ops import OPS, Kind, Op
+from .ops import CODED, OPS, QUANT_BLOCK, Kind, Op
 from .rule import UpdateRule
 
 
@@ -25,9 +25,11 @@ def _typed(value, dtype: DType):
     return np_dtype.type(value)
 
 
-def _leaf(node: Expr, arrays, scalars, per_tensor):
+def _leaf(node: Expr, rule: UpdateRule, arrays, scalars, per_tensor, numel: int):
     """The value a leaf reads from the inputs of `evaluate`."""
     if node.op is Op.TENSOR:
+        if rule.slot(node.arg).per_block:  # each element reads its block's value
+            return np.repeat(arrays[node.arg], QUANT_BLOCK)[:numel]
         return arrays[node.arg]
     inputs = {Op.SCALAR: scalars, Op.PER_TENSOR: per_tensor}.get(node.op)
     return _typed(node.arg if inputs is None else inputs[node.arg], node.dtype)
@@ -39,26 +41,33 @@ def evaluate(
     scalars: Mapping[str, float],
     per_tensor: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Evaluate `rule` over one tensor: `arrays` maps slot names to equal-sized 1-D arrays.
+    """Evaluate `rule` over one tensor: `arrays` maps slot names to 1-D arrays, of the tensor's
+    size (per-block slots: one value per block, `Slot.length`).
 
     Returns a fresh array per written slot, in the slot's dtype; nothing is written in place.
     """
     per_tensor = per_tensor or {}
-    numel = next(iter(arrays.values())).size if arrays else 0
+    numel = arrays[rule.numel_slot.name].size if arrays else 0
     values: dict[Expr, object] = {}
     with np.errstate(all="ignore"):
         for n in rule.nodes:
-            if OPS[n.op].kind is Kind.LEAF:
-                v = _leaf(n, arrays, scalars, per_tensor)
+            info = OPS[n.op]
+            if info.kind is Kind.LEAF:
+                v = _leaf(n, rule, arrays, scalars, per_tensor, numel)
             else:
                 operands = [values[s] for s in n.src]
-                if OPS[n.op].indexed:
+                if info.indexed:
                     operands.append(np.arange(numel, dtype=np.uint64))
-                if OPS[n.op].kind is Kind.REDUCE:
+                if info.kind in (Kind.REDUCE, Kind.BLOCK):
                     operands = [np.broadcast_to(x, (numel,)) for x in operands]
-                v = _typed(OPS[n.op].definition(*operands), n.dtype)
+                if n.op in CODED:
+                    operands.insert(0, n.arg)
+                v = _typed(info.definition(*operands), n.dtype)
             values[n] = v
-    return {
-        slot: np.broadcast_to(values[e], (numel,)).astype(e.dtype.to_numpy(), copy=True)
-        for slot, e in rule.outputs
-    }
+    out = {}
+    for slot, e in rule.outputs:
+        v = np.broadcast_to(values[e], (numel,))
+        if rule.slot(slot).per_block:  # the same over each block: its first element's
+            v = v[::QUANT_BLOCK]
+        out[slot] = v.astype(e.dtype.to_numpy(), copy=True)
+    return out

@@ -76,6 +76,11 @@ class Op(enum.Enum):
     SUM = "sum"
     # rounding with a random stream: reads the element's index within its tensor
     ROUND_SR = "round_sr"
+    # 8-bit state: the block's largest magnitude, and a value's code in a code map (`CODE_MAPS`)
+    BLOCK_ABSMAX = "block_absmax"
+    ENCODE = "encode"
+    ENCODE_SR = "encode_sr"  # stochastically: reads the element's index, like ROUND_SR
+    DECODE = "decode"
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"
@@ -87,6 +92,7 @@ class Kind(enum.Enum):
     LEAF = "leaf"  # read from the world: a tensor element, an argument, a literal
     ELEMENTWISE = "elementwise"  # computed from its operands' values
     REDUCE = "reduce"  # computed from every element of its operand over a tensor
+    BLOCK = "block"  # computed from the elements of its operand in the element's block
 
 
 class Result(enum.Enum):
@@ -98,7 +104,7 @@ class Result(enum.Enum):
 
 
 FLOATS = frozenset(d for d in DType if d.is_float)
-ANY = frozenset(DType)
+ANY = frozenset(DType) - {DType.U8, DType.I8}  # codes are no numbers: only DECODE reads them
 
 Example = tuple[tuple[float, ...], float]
 """(operands, result): a special case every backend must reproduce bit for bit, in every float
@@ -136,6 +142,10 @@ class OpInfo:
     """Whether the value depends on the element's index within its tensor (a random stream):
     the definition takes that index as a last argument, and the node is elementwise even when
     its operands are uniform."""
+    produces: DType | None = None
+    """The result dtype of an op whose result is GIVEN by the op itself (ENCODE, DECODE):
+    their `arg` names a code map (`CODE_MAPS`), which the definition takes first; their
+    examples are in the "signed" map."""
 
     def result_dtype(self, operand: DType) -> DType:
         """The dtype of the result for operands of dtype `operand` (not for GIVEN results)."""
@@ -182,6 +192,22 @@ def random_bits16(key, index) -> np.ndarray:
     return (z >> np.uint64(48)).astype(np.uint32)
 
 
+HASH32 = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
+"""The multipliers of `hash_bits16` (Wellons' lowbias32), which every backend spells."""
+
+
+def hash_bits16(key, index) -> np.ndarray:
+    """16 random bits per element, cheaper than `random_bits16` (32-bit arithmetic, two
+    multiplies): the top half of lowbias32(low 32 bits of the key + the element's index),
+    wrapping. A stream repeats every 2**32 elements of a tensor. `key`: an integer in
+    [0, 2**53) held in a float64."""
+    with np.errstate(over="ignore"):
+        x = np.uint32(int(key) % 2**32) + np.asarray(index).astype(np.uint32)
+        x = (x ^ (x >> np.uint32(16))) * HASH32[0]
+        x = (x ^ (x >> np.uint32(15))) * HASH32[1]
+    return (x ^ (x >> np.uint32(16))) >> np.uint32(16)
+
+
 def _round_sr(x, key, index):
     """float32 `x` to bfloat16, rounded away from zero with probability equal to the dropped
     low 16 bits over 2**16 (the distance to the lower neighbour over the spacing): add 16 random
@@ -191,6 +217,139 @@ def _round_sr(x, key, index):
     special = (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
     up = ((bits + random_bits16(key, index)) & np.uint32(0xFFFF0000)).view(np.float32)
     return np.where(special, np.broadcast_to(x, np.shape(index)), up)
+
+
+QUANT_BLOCK = 256
+"""Elements per block of 8-bit state: each block keeps one float32 scale, its largest magnitude."""
+
+
+@dataclass(frozen=True)
+class CodeMap:
+    """An 8-bit code map: a small floating-point format for values in [-1, 1] (`signed`) or
+    [0, 1], scaled by the block's largest magnitude. `exponent` bits hold the binade (bias
+    2**exponent - 1, so the top binade is [1, 2), of which only 1.0 is used), `fraction` bits
+    the position inside it; the lowest binade is subnormal (evenly spaced down to 0), as in
+    IEEE formats. Logarithmic spacing keeps a few bits of relative precision over many orders
+    of magnitude (`2**-(2**exponent + fraction - 2)` is the smallest nonzero value); the codes
+    are bit patterns, so encoding and decoding are a few integer operations on every backend."""
+
+    name: str
+    signed: bool
+    exponent: int
+    fraction: int
+
+    @property
+    def bias(self) -> int:
+        return 2 ** self.exponent - 1
+
+    @property
+    def top(self) -> int:
+        """The code of 1.0 (magnitude bits), the largest an encoding gives."""
+        return self.bias << self.fraction
+
+    def magnitudes(self) -> np.ndarray:
+        """The float32 value of each magnitude code 0 .. top (increasing)."""
+        m = np.arange(self.top + 1)
+        field, frac = m >> self.fraction, m & (2 ** self.fraction - 1)
+        sub = frac * 2.0 ** (1 - self.bias - self.fraction)
+        normal = 2.0 ** (field - self.bias) * (1 + frac / 2 ** self.fraction)
+        return np.where(field == 0, sub, normal).astype(np.float32)
+
+    def decode(self, codes) -> np.ndarray:
+        """The float32 value of each code (magnitude codes above `top` continue the format)."""
+        c = np.asarray(codes, np.uint32)
+        mag = c & np.uint32(0x7F if self.signed else 0xFF)
+        field, frac = mag >> np.uint32(self.fraction), mag & np.uint32(2 ** self.fraction - 1)
+        sub = frac.astype(np.float32) * np.float32(2.0 ** (1 - self.bias - self.fraction))
+        normal = (((field + np.uint32(127 - self.bias)) << np.uint32(23))
+                  | (frac << np.uint32(23 - self.fraction))).view(np.float32)
+        value = np.where(field == 0, sub, normal)
+        if self.signed:
+            value = np.where(c & np.uint32(0x80), -value, value)
+        return value.astype(np.float32)
+
+    def encode(self, x) -> np.ndarray:
+        """The code nearest each float32 `x` (ties to the even code); magnitudes above 1 give 1's
+        code, NaN gives 0, and so do negative values in an unsigned map. The sign of a signed
+        map's code is x's sign bit (-0 keeps it)."""
+        x = np.asarray(x, np.float32)
+        a = np.abs(x.astype(np.float64)) if self.signed else np.maximum(x, 0.0).astype(np.float64)
+        a = np.where(np.isnan(a), 0.0, np.minimum(a, 1.0))
+        values = self.magnitudes().astype(np.float64)
+        hi = np.clip(np.searchsorted(values, a), 1, self.top)
+        lo = hi - 1
+        dlo, dhi = a - values[lo], values[hi] - a
+        code = np.where((dlo < dhi) | ((dlo == dhi) & (lo % 2 == 0)), lo, hi).astype(np.uint8)
+        if self.signed:
+            code |= np.where(np.signbit(x) & ~np.isnan(x), np.uint8(0x80), np.uint8(0))
+        return code
+
+    def encode_stochastic(self, x, bits16) -> np.ndarray:
+        """The code of each float32 `x`, rounded up in magnitude with probability (|x| - down)
+        / (up - down) (to 2**-16) from `bits16` (16 random bits per element, `hash_bits16`):
+        unbiased, so that an average kept in codes drifts no more than one kept in floats.
+        Clamping, NaN and signs as `encode`. Defined by the integer recipe every backend
+        runs: normal magnitudes add the random bits below the kept fraction bits and truncate;
+        subnormal ones add random / 2**16 to magnitude / step in float32 and truncate."""
+        x = np.asarray(x, np.float32)
+        r = np.asarray(bits16, np.uint32)
+        with np.errstate(invalid="ignore"):
+            a = np.abs(x) if self.signed else np.where(x < 0, np.float32(0), x)
+            a = np.where(a <= 1, a, np.where(a > 1, np.float32(1), np.float32(0)))
+        a = np.broadcast_to(a, np.broadcast_shapes(a.shape, r.shape)).astype(np.float32)
+        shift = 23 - self.fraction
+        with np.errstate(over="ignore"):
+            normal = (a.view(np.uint32) + (r << np.uint32(shift - 16))
+                      + np.uint32(((self.bias - 127) << 23) % 2**32)) >> np.uint32(shift)
+        t = np.minimum(a * np.float32(2.0 ** (self.bias + self.fraction - 1)), 2**self.fraction)
+        tiny = (t + r.astype(np.float32) * np.float32(2.0**-16)).astype(np.uint32)  # where used
+        code = np.where(a < np.float32(2.0 ** (1 - self.bias)), tiny, normal).astype(np.uint8)
+        if self.signed:
+            code |= np.where(np.signbit(x) & ~np.isnan(x), np.uint8(0x80), np.uint8(0))
+        return code
+
+    def quantize(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, scales) of flat float32 `values`, as a kernel stores them: each block's
+        scale its largest magnitude (NaN if it holds a NaN), each code `encode(x * (1 / scale))`."""
+        x = np.asarray(values, np.float32).reshape(-1)
+        scales = block_absmax(x)[::QUANT_BLOCK].copy()
+        with np.errstate(all="ignore"):
+            ratio = x * np.repeat(np.float32(1) / scales, QUANT_BLOCK)[: x.size]
+        return self.encode(ratio), scales
+
+    def dequantize(self, codes, scales) -> np.ndarray:
+        """The float32 values that (codes, scales) hold: decode(code) * its block's scale."""
+        c = np.asarray(codes).reshape(-1)
+        with np.errstate(all="ignore"):
+            return self.decode(c) * np.repeat(np.asarray(scales, np.float32), QUANT_BLOCK)[: c.size]
+
+
+CODE_MAPS = {
+    "signed": CodeMap("signed", True, 4, 3),  # first moments: sign, 4 exponent, 3 fraction bits
+    "unsigned": CodeMap("unsigned", False, 5, 3),  # second moments: 5 exponent, 3 fraction bits
+}
+"""The code maps of 8-bit state, by name (an ENCODE or DECODE node's `arg`)."""
+
+
+def block_absmax(x) -> np.ndarray:
+    """Each element's block's largest magnitude (NaN when the block holds a NaN), float32."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    padded = np.zeros(-(-x.size // QUANT_BLOCK) * QUANT_BLOCK, np.float32)
+    padded[: x.size] = np.abs(x)
+    per_block = padded.reshape(-1, QUANT_BLOCK).max(axis=1)  # max propagates NaN
+    return np.repeat(per_block, QUANT_BLOCK)[: x.size]
+
+
+def _encode(name: str, x) -> np.ndarray:
+    return CODE_MAPS[name].encode(x)
+
+
+def _encode_sr(name: str, x, key, index) -> np.ndarray:
+    return CODE_MAPS[name].encode_stochastic(x, hash_bits16(key, index))
+
+
+def _decode(name: str, codes) -> np.ndarray:
+    return CODE_MAPS[name].decode(codes)
 
 
 def _maximum(a, b):
@@ -293,6 +452,37 @@ OPS: dict[Op, OpInfo] = {
         "round to nearest; finite values in the top spacing may round to infinity.",
         indexed=True,
     ),
+    Op.BLOCK_ABSMAX: OpInfo(
+        Kind.BLOCK, 1, frozenset({DType.F32}), Result.OPERAND, block_absmax,
+        f"The largest magnitude of the operand over the element's block (the {QUANT_BLOCK} "
+        f"elements from a multiple of {QUANT_BLOCK} in its tensor, the last block shorter): "
+        "NaN when the block holds a NaN, +0 for a block of zeros.",
+        [((-2.0, 1.0), 2.0), ((-0.0, -0.0), 0.0), ((_inf, 1.0), _inf), ((1.0, _nan), _nan)],
+    ),
+    Op.ENCODE: OpInfo(
+        Kind.ELEMENTWISE, 1, frozenset({DType.F32}), Result.GIVEN, _encode,
+        "The code of `arg`'s code map (CODE_MAPS) nearest x, ties to the even code: "
+        "magnitudes above 1 give 1's code, NaN 0, a negative value in an unsigned map 0.",
+        [((1.0,), 120.0), ((0.0,), 0.0), ((-0.0,), 128.0), ((_nan,), 0.0), ((3.0,), 120.0)],
+        arg=str, produces=DType.U8,
+    ),
+    Op.ENCODE_SR: OpInfo(
+        Kind.ELEMENTWISE, 2, frozenset({DType.F32}), Result.GIVEN, _encode_sr,
+        "The code of `arg`'s code map (CODE_MAPS) below or above x, up with probability "
+        "(|x| - below) / (above - below) from 16 random bits of (key, the element's index) "
+        "(`hash_bits16`): unbiased, reproducible, the same on every backend. The "
+        "second operand is the key (a float64 integer below 2**53). Clamping, NaN and signs "
+        "as ENCODE.",
+        [((1.0, 0.0), 120.0), ((0.0, 0.0), 0.0), ((-0.0, 0.0), 128.0), ((_nan, 0.0), 0.0),
+         ((3.0, 0.0), 120.0), ((-1.0, 7.0), 248.0)],
+        arg=str, produces=DType.U8, indexed=True,
+    ),
+    Op.DECODE: OpInfo(
+        Kind.ELEMENTWISE, 1, frozenset({DType.U8}), Result.GIVEN, _decode,
+        "The value of a code of `arg`'s code map (CODE_MAPS), exact in float32.",
+        [((120.0,), 1.0), ((0.0,), 0.0), ((128.0,), -0.0), ((248.0,), -1.0)],
+        arg=str, produces=DType.F32,
+    ),
     Op.SUM: OpInfo(
         Kind.REDUCE, 1, frozenset({DType.F64}), Result.OPERAND, _sum,
         "The float64 sum over the tensor's elements, from +0 in an unspecified order: a NaN "
@@ -304,6 +494,8 @@ OPS: dict[Op, OpInfo] = {
 """The record of every op."""
 
 LEAVES = frozenset(op for op, info in OPS.items() if info.kind is Kind.LEAF)
+CODED = frozenset({Op.ENCODE, Op.ENCODE_SR, Op.DECODE})
+"""Ops whose `arg` names a code map (their definitions are the map's)."""
 
 assert OPS.keys() == set(Op), "every op needs its record"
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .dtypes import DType
-from .expr import Expr
-from .ops import LEAVES, Op
+from .expr import Expr, block_absmax, decode, encode, encode_stochastic
+from .ops import CODED, LEAVES, OPS, QUANT_BLOCK, Kind, Op
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,21 @@ class Slot:
     dtype: DType
     written: bool = False
     init: float | str = 0.0
+    code_map: str | None = None
+    """For 8-bit state: the code map (`ops.CODE_MAPS`) of this uint8 slot's codes, whose
+    scales are slot `scales_of(name)`."""
+    per_block: bool = False
+    """One value per block of `ops.QUANT_BLOCK` elements (8-bit state's scales): the slot
+    holds ceil(numel / QUANT_BLOCK) values, each element reads its block's."""
+
+    def length(self, numel: int):
+        """How many values the slot holds for a tensor of `numel` elements (numbers or arrays)."""
+        return -(-numel // QUANT_BLOCK) if self.per_block else numel
+
+
+def scales_of(name: str) -> str:
+    """The name of the slot holding the block scales of 8-bit slot `name`."""
+    return f"{name}_absmax"
 
 
 class UpdateRule:
@@ -80,9 +95,24 @@ class UpdateRule:
         self.scalar_names: tuple[str, ...] = tuple(n for n, _ in self.scalars)
         self.per_tensor_names: tuple[str, ...] = tuple(n for n, _ in self.per_tensor)
         self.reductions: tuple[Expr, ...] = tuple(n for n in self.nodes if n.op is Op.SUM)
+        self.block_reductions: tuple[Expr, ...] = tuple(
+            n for n in self.nodes if OPS[n.op].kind is Kind.BLOCK)
+        for out, e in self.outputs:
+            if by_name[out].per_block and not _block_uniform(e, by_name):
+                raise ValueError(f"rule {name}: output {out!r} holds one value per block, but "
+                                 "its expression differs between the elements of a block "
+                                 "(it must read elements only through block reductions)")
+        for r in self.reductions:
+            if any(OPS[n.op].kind is Kind.BLOCK for n in _toposort([r])):
+                raise ValueError(f"rule {name}: a sum may not read a block reduction")
         self.text = self._render()
         self.key = hashlib.sha256(self.text.encode()).hexdigest()[:20]
 
+
+    @property
+    def numel_slot(self) -> Slot:
+        """The first slot holding one value per element (its size is the tensor's)."""
+        return next(s for s in self.slots if not s.per_block)
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:
@@ -94,7 +124,9 @@ class UpdateRule:
         ids: dict[int, str] = {}
         lines = [
             f"rule {self.name}("
-            + ", ".join(f"{s.name}: {s.dtype}{' inout' if s.written else ''}" for s in self.slots)
+            + ", ".join(f"{s.name}: {s.dtype}{' inout' if s.written else ''}"
+                        f"{f' codes {s.code_map}' if s.code_map else ''}"
+                        f"{' per-block' if s.per_block else ''}" for s in self.slots)
             + ")"
         ]
         if self.scalars:
@@ -109,6 +141,8 @@ class UpdateRule:
                 rhs = f"{n.op.value} {n.arg}"
             elif n.op is Op.CAST:
                 rhs = f"cast {ids[id(n.src[0])]}"
+            elif n.op in CODED:
+                rhs = f"{n.op.value} {ids[id(n.src[0])]} map {n.arg}"
             else:
                 rhs = f"{n.op.value} " + ", ".join(ids[id(s)] for s in n.src)
             scope = "" if n.elementwise or n.op in LEAVES else "  (per tensor)"
@@ -122,6 +156,21 @@ class UpdateRule:
 
     def __repr__(self) -> str:
         return f"<UpdateRule {self.name} key={self.key}>"
+
+
+def _block_uniform(root: Expr, slots: Mapping[str, Slot]) -> bool:
+    """Whether `root` is the same for every element of a block: it reads elements only through
+    block reductions and per-block slots."""
+    seen, todo = set(), [root]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen or not e.elementwise or OPS[e.op].kind is Kind.BLOCK:
+            continue
+        seen.add(id(e))
+        if OPS[e.op].indexed or (e.op is Op.TENSOR and not slots[e.arg].per_block):
+            return False
+        todo.extend(e.src)
+    return True
 
 
 def _toposort(roots: Sequence[Expr]) -> tuple[Expr, ...]:
@@ -160,7 +209,8 @@ def stored_as(rule: UpdateRule, dtypes: Mapping[str, DType], name: str) -> Updat
         else:
             new = Expr(node.op, node.dtype, tuple(done[id(s)] for s in node.src), node.arg)
         done[id(node)] = new
-    slots = [Slot(s.name, dtypes.get(s.name, s.dtype), s.written, s.init) for s in rule.slots]
+    slots = [Slot(s.name, dtypes.get(s.name, s.dtype), s.written, s.init, s.code_map,
+                  s.per_block) for s in rule.slots]
     outputs = {slot: done[id(e)].cast(dtypes.get(slot, e.dtype)) for slot, e in rule.outputs}
     return UpdateRule(name, slots, outputs)
 
@@ -220,3 +270,62 @@ def with_stochastic_rounding(rule: UpdateRule, key: str = "rounding_key") -> Upd
                "param": Expr(Op.ROUND_SR, DType.BF16, (value, Expr(Op.PER_TENSOR, DType.F64,
                                                                     arg=key)))}
     return UpdateRule(f"{rule.name}_sr", rule.slots, outputs)
+
+
+def quantized(rule: UpdateRule, code_maps: Mapping[str, str], name: str,
+              key: str | None = "rounding_key") -> UpdateRule:
+    """`rule` with the state slots named in `code_maps` kept in 8 bits: each becomes a uint8
+    slot of codes in its code map (`ops.CODE_MAPS`) and a float32 slot `scales_of(slot)` of one
+    scale per block of `ops.QUANT_BLOCK` elements. A load decodes (code value times its block's
+    scale); an output is computed as before, in float32, and stored as its block's largest
+    magnitude (the new scale) and each element's code of value * (1 / scale) (a reciprocal per
+    block: a division per element would cost more than the bytes saved).
+
+    Codes are rounded stochastically from the per-tensor float64 value `key` (each slot draws
+    its own stream: key + its position), or to nearest when `key` is None. Rounded to nearest,
+    an average such as Adam's second moment, which moves by 0.1% of itself per step, moves by
+    less than half a code and stays where it is; stochastic rounding keeps it unbiased.
+    `name` names the new rule."""
+    by_name = {s.name: s for s in rule.slots}
+    for slot_name in code_maps:
+        slot = by_name.get(slot_name)
+        if slot is None:
+            raise ValueError(f"rule {rule.name} has no slot {slot_name}")
+        if slot.name in ("param", "grad") or slot.per_block or slot.code_map:
+            raise ValueError(f"rule {rule.name}: slot {slot_name} cannot be kept in 8 bits")
+        if not slot.dtype.is_float:
+            raise ValueError(f"rule {rule.name}: slot {slot_name} is {slot.dtype}, not a float")
+    done: dict[int, Expr] = {}
+    for node in rule.nodes:
+        if node.op is Op.TENSOR and node.arg in code_maps:
+            codes = Expr(Op.TENSOR, DType.U8, arg=node.arg)
+            scale = Expr(Op.TENSOR, DType.F32, arg=scales_of(node.arg))
+            new = (decode(codes, code_maps[node.arg]) * scale).cast(node.dtype)
+        elif node.op in LEAVES:
+            new = node
+        else:
+            new = Expr(node.op, node.dtype, tuple(done[id(s)] for s in node.src), node.arg)
+        done[id(node)] = new
+    slots: list[Slot] = []
+    outputs: dict[str, Expr] = {}
+    for s in rule.slots:
+        if s.name not in code_maps:
+            slots.append(s)
+            continue
+        slots.append(Slot(s.name, DType.U8, s.written, s.init, code_map=code_maps[s.name]))
+        slots.append(Slot(scales_of(s.name), DType.F32, s.written, s.init, per_block=True))
+    for k, (slot, e) in enumerate(rule.outputs):
+        value = done[id(e)]
+        if slot in code_maps:
+            value = value.cast(DType.F32)
+            scale = block_absmax(value)
+            ratio = value * (1.0 / scale)
+            if key is None:
+                outputs[slot] = encode(ratio, code_maps[slot])
+            else:
+                stream = Expr(Op.PER_TENSOR, DType.F64, arg=key) + float(k + 1)
+                outputs[slot] = encode_stochastic(ratio, stream, code_maps[slot])
+            outputs[scales_of(slot)] = scale
+        else:
+            outputs[slot] = value
+    return UpdateRule(name, slots, outputs)

@@ -75,6 +75,7 @@ class Adagrad(Optimizer):
     """
 
     counts_steps = True
+    unsigned_state = ("sum",)
     examples = {"weight_decay": (0.0, 0.01), "clip_norm": (0.0, 1.0), "lr_decay": (0.1,),
                 "initial_accumulator_value": (0.5,), "eps": (1e-3,), "scale": (0.5,)}
 

@@ -138,6 +138,7 @@ class Adam(Optimizer):
     """
 
     counts_steps = True
+    unsigned_state = ("exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,

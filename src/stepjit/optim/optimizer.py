@@ -39,6 +39,8 @@ from ..ir import (
     Slot,
     UpdateRule,
     per_tensor,
+    quantized,
+    scales_of,
     stored_as,
     tensor,
     where,
@@ -51,6 +53,7 @@ from ..runtime import arrays
 from ..runtime.backend import Backend, Launch
 from ..runtime.repoint import Program
 from ..runtime.select import select_backend
+from . import compact
 from .exclusive import Exclusive
 
 
@@ -201,12 +204,17 @@ class _Draft:
     first_column: int | None
     tensors: list[tuple] = field(default_factory=list)
     spans: list[tuple] = field(default_factory=list)
-    new_state: list[tuple] = field(default_factory=list)  # (param, slot name, buffer)
+    new_state: list[tuple] = field(default_factory=list)  # (param, slot name, buffer or None:
+    # delete the entry)
     new_accum: list[tuple] = field(default_factory=list)  # (param, buffer)
 
 
 class Optimizer:
     """Base class of every stepjit optimizer (see the module docstring for the subclass API)."""
+
+    unsigned_state: tuple[str, ...] = ()
+    """State slots that are never negative (second moments): with `state_dtype="int8"` they use
+    the unsigned code map, one more bit of range and precision; the others the signed one."""
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None,
                  capturable: bool = False, state_dtype: str | None = None,
@@ -218,8 +226,10 @@ class Optimizer:
             backend: "llvm", "cuda" or "reference"; default: where the parameters live.
             capturable: on CUDA, keep step counts and per-tensor values on the device so that
                 a step can be captured in a CUDA graph (docs/cuda.md); no effect elsewhere.
-            state_dtype: how state buffers are stored: None (the compute type), "float32" or
-                "bfloat16" (half the memory; the arithmetic stays in the compute type).
+            state_dtype: how state buffers are stored: None (the compute type), "float32",
+                "bfloat16" (half the memory) or "int8" (a quarter: 8-bit codes and a float32
+                scale per block of 256, `optim.compact`); the arithmetic stays in the compute
+                type.
             master_weights: keep a float32 copy of float16 and bfloat16 parameters in the
                 state, which the update reads and writes; the parameter is its rounding.
             stochastic_rounding: round bfloat16 parameters stochastically (unbiased), from a
@@ -522,8 +532,7 @@ class Optimizer:
                 raise ValueError(f"state_dict has state for unknown parameter index {idx!r}")
             if not isinstance(buffers, dict):
                 raise ValueError(f"state_dict: state of parameter {idx} must be a dict")
-            new_state[p] = {name: _loaded_buffer(idx, name, buf, _array(p))
-                            for name, buf in buffers.items()}
+            new_state[p] = _loaded_state(idx, buffers, _array(p))
         new_groups = []
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             group = {**mine, **{k: v for k, v in saved.items() if k != "params"}}
@@ -677,7 +686,10 @@ class Optimizer:
         for index, plan in built.items():
             for d in drafts[index]:
                 for p, name, buf in d.new_state:
-                    self.state.setdefault(p, {})[name] = buf
+                    if buf is None:  # scales of 8-bit state converted to a wider type
+                        self.state[p].pop(name, None)
+                    else:
+                        self.state.setdefault(p, {})[name] = buf
                 for p, buf in d.new_accum:
                     self._accum[p] = buf
                 if d.new_accum:
@@ -857,7 +869,22 @@ class Optimizer:
             elif kind == "step":
                 st = self.state.get(p, {})
                 for slot in rule.slots[2:]:  # the state buffers
+                    if slot.per_block:  # 8-bit scales: with their codes
+                        continue
+                    if slot.code_map:
+                        (codes, scales), new = compact.state_pair(where_, st, slot, data, group)
+                        found[slot.name], found[scales_of(slot.name)] = codes, scales
+                        if new:
+                            d.new_state += [(p, slot.name, codes),
+                                            (p, scales_of(slot.name), scales)]
+                        continue
                     buf = st.get(slot.name)
+                    widened = buf is not None and scales_of(slot.name) in st
+                    if widened:  # 8-bit state, now kept wider
+                        compact.check_pair(where_, slot.name, buf, st[scales_of(slot.name)],
+                                           tuple(data.shape))
+                        buf = compact.dequantize(buf, st[scales_of(slot.name)])
+                        d.new_state.append((p, scales_of(slot.name), None))
                     if slot.init == "param" and buf is not None and _stale_copy(buf, data):
                         buf = None  # the parameter was written since: the copy starts anew
                     if buf is None:
@@ -870,7 +897,7 @@ class Optimizer:
                         # half) or layout: a copy of it that fits is stored instead
                         buf, new = _state_array(where_, f"state {slot.name!r}", buf, data,
                                                 slot.dtype)
-                        if new:
+                        if new or widened:
                             d.new_state.append((p, slot.name, buf))
                     found[slot.name] = buf
             arrays_ = tuple(found[s.name] for s in rule.slots)
@@ -906,6 +933,10 @@ class Optimizer:
                   if storage not in (None, s.dtype) and s.init != "param"}
         if not dtypes:
             return rule
+        if storage is DType.U8:  # 8 bits: codes and block scales (`ir.quantized`)
+            maps = {name: "unsigned" if name in self.unsigned_state else "signed"
+                    for name in dtypes}
+            return quantized(rule, maps, f"{rule.name}_state_int8")
         return stored_as(rule, dtypes, f"{rule.name}_state_{storage}")
 
     def _captures(self, backend: Backend) -> bool:
@@ -1189,15 +1220,16 @@ def rounding_keys(seed: int, ids: np.ndarray, step) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64)
 
 
-STATE_DTYPES = {"float32": DType.F32, "bfloat16": DType.BF16}
+STATE_DTYPES = {"float32": DType.F32, "bfloat16": DType.BF16, "int8": DType.U8}
 """How state buffers may be stored (`state_dtype=`); None keeps them in the compute type."""
 
 
 def float32_state(state_dict: dict) -> dict:
     """A copy of `state_dict` (from either face, any library's arrays) whose float16 and
-    bfloat16 state buffers are float32, for tools that expect full-precision state; other
-    entries are shared, not copied. Loading a compact checkpoint needs no such call: every
-    optimizer converts buffers to its own storage type."""
+    bfloat16 state buffers, and 8-bit codes with their scales (`optim.compact`), are float32,
+    for tools that expect full-precision state; other entries are shared, not copied. Loading a
+    compact checkpoint needs no such call: every optimizer converts buffers to its own storage
+    type."""
     def widened(value):
         if arrays.is_array(value) and arrays.dtype(value) in (DType.F16, DType.BF16):
             out = arrays.zeros_as(value, DType.F32)
@@ -1205,7 +1237,7 @@ def float32_state(state_dict: dict) -> dict:
             return out
         return value
 
-    state = {index: {name: widened(v) for name, v in buffers.items()}
+    state = {index: {name: widened(v) for name, v in compact.float32_buffers(buffers).items()}
              for index, buffers in state_dict["state"].items()}
     return {**state_dict, "state": state}
 
@@ -1227,6 +1259,23 @@ def _is_integer(x) -> bool:
         dt = x.dtype
         return not (dt.is_floating_point or dt.is_complex) and dt != x.bool().dtype
     return x.dtype.kind in ("i", "u")
+
+
+def _loaded_state(idx, buffers: dict, data) -> dict:
+    """Private copies of one parameter's saved state (`_loaded_buffer`); 8-bit codes and their
+    scales are checked as a pair and copied as they are (converted when tables are built if
+    they do not fit the parameter: another device or layout)."""
+    out = {}
+    for name, buf in buffers.items():
+        scales = buffers.get(scales_of(name))
+        if scales is not None and name != "step":
+            compact.check_pair(f"state_dict: parameter {idx}", name, buf, scales,
+                               tuple(data.shape))
+            out[name], out[scales_of(name)] = arrays.copy(buf), arrays.copy(scales)
+    for name, buf in buffers.items():
+        if name not in out:
+            out[name] = _loaded_buffer(idx, name, buf, data)
+    return out
 
 
 def _loaded_buffer(idx, name: str, buf, data):

@@ -109,6 +109,7 @@ class RMSprop(Optimizer):
     """
 
     counts_steps = True
+    unsigned_state = ("square_avg",)
 
     def __init__(
         self,

@@ -127,6 +127,7 @@ class _Torch:
         self.dtypes = {t.float16: DType.F16, t.bfloat16: DType.BF16, t.float32: DType.F32,
                        t.float64: DType.F64}
         self.torch_dtypes = {v: k for k, v in self.dtypes.items()}
+        self.torch_dtypes.update({DType.U8: t.uint8, DType.I8: t.int8})  # 8-bit state's codes
 
     def device(self, x) -> str:
         d = x.device
@@ -406,6 +407,15 @@ def assign(dst, src) -> None:
         dst[...] = host_view(src.detach().cpu())
     else:
         dst[...] = src
+
+
+def to_host(x) -> np.ndarray:
+    """A numpy copy of any array (a device array is copied to the host)."""
+    if is_torch(x):
+        return np.array(host_view(x.detach().cpu()))
+    if adapter(x) is not None and adapter(x).name == "cupy":
+        return x.get()
+    return np.array(x)
 
 
 def host_view(x) -> np.ndarray:

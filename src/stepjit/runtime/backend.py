@@ -85,12 +85,13 @@ class Launch(abc.ABC):
         the elements of each bound tensor), keep them alive in place of slot `slot`'s at `rows`
         (unless forgotten), and return the slot's index."""
         k = [s.name for s in self.rule.slots].index(slot)
-        itemsize = self.rule.slots[k].dtype.itemsize
+        s = self.rule.slots[k]
         for j, a in zip(rows, tensors):
-            if arrays.numel(a) * arrays.itemsize(a) != numel[j] * itemsize:
+            want = s.length(int(numel[j])) * s.dtype.itemsize
+            if arrays.numel(a) * arrays.itemsize(a) != want:
                 raise ValueError(f"{self.rule.name}: tensor {j}, slot {slot}: "
                                  f"{arrays.numel(a) * arrays.itemsize(a)} bytes where the kernel "
-                                 f"expects {numel[j] * itemsize}")
+                                 f"expects {want}")
         for j, a in zip(rows, tensors):
             held = self.held[j]
             if held[k] is not None:
@@ -118,13 +119,21 @@ class Launch(abc.ABC):
         if slot not in self.forgotten:
             raise ValueError(f"{self.rule.name}: slot {slot} holds its arrays: use repoint")
         k = [s.name for s in self.rule.slots].index(slot)
-        want = numel[rows] * self.rule.slots[k].dtype.itemsize
+        s = self.rule.slots[k]
+        want = s.length(numel[rows]) * s.dtype.itemsize
         bad = np.flatnonzero(nbytes != want)
         if len(bad):
             j = bad[0]
             raise ValueError(f"{self.rule.name}: tensor {rows[j]}, slot {slot}: {nbytes[j]} bytes "
                              f"where the kernel expects {want[j]}")
         return k
+
+
+def expected_bytes(rule: UpdateRule, numel: np.ndarray) -> np.ndarray:
+    """[tensor, slot]: the bytes the kernel touches in each slot of tensors of `numel` elements
+    (a per-block slot holds one value per block)."""
+    return np.stack([s.length(numel) * s.dtype.itemsize for s in rule.slots], axis=1).reshape(
+        len(numel), len(rule.slots)).astype(np.int64)
 
 
 def cells_of(table: np.ndarray, rows: np.ndarray, column: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from ..codegen import llvm as codegen
 from ..ir import UpdateRule
 from . import arrays, omp
 from . import cache as kcache
-from .backend import Backend, Launch, cells_of
+from .backend import Backend, Launch, cells_of, expected_bytes
 
 log = logging.getLogger("stepjit")
 
@@ -461,17 +461,17 @@ class TeamSplit:
 
 def check_sizes(rule: UpdateRule, tensors: list[tuple], numel: np.ndarray) -> None:
     """Raise ValueError unless every array of every tensor spans exactly the bytes the kernel
-    will touch: `numel` elements of its slot's dtype. The last line of defence: the optimizer
-    checks shapes, dtypes and layouts first and names the culprit."""
-    itemsize = np.array([s.dtype.itemsize for s in rule.slots], np.int64)
+    will touch: `numel` elements of its slot's dtype (a per-block slot: one per block). The last
+    line of defence: the optimizer checks shapes, dtypes and layouts first and names the
+    culprit."""
     nbytes = np.array([[arrays.numel(a) * arrays.itemsize(a) for a in t] for t in tensors],
                       np.int64).reshape(len(tensors), len(rule.slots))
-    bad = np.argwhere(nbytes != numel[:, None] * itemsize[None, :])
+    want = expected_bytes(rule, numel)
+    bad = np.argwhere(nbytes != want)
     if len(bad):
         i, k = bad[0]
         raise ValueError(f"{rule.name}: tensor {i}, slot {rule.slots[k].name}: "
-                         f"{nbytes[i, k]} bytes where the kernel expects "
-                         f"{numel[i] * itemsize[k]}")
+                         f"{nbytes[i, k]} bytes where the kernel expects {want[i, k]}")
 
 
 def chunk_table(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
