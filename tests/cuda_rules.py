@@ -2,8 +2,8 @@
 
 The optimizers' rules come from the registry: every registered optimizer, every structure its
 `examples` reach (`registry.structures`), so that a new optimizer module is compiled and run here
-without an edit to the tests. So do the per-tensor formulas of their capturable variants
-(`Optimizer.tensor_formulas`).
+without an edit to the tests; so do their rules with 8-bit state (`state_dtype="int8"`) and the
+per-tensor formulas of their capturable variants (`Optimizer.tensor_formulas`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from stepjit.ir import DType, Expr, UpdateRule
+from stepjit.ir import DType, Expr, UpdateRule, quantized
 from stepjit.optim import OPTIMIZERS, registry, rule_for
 from stepjit.optim.optimizer import _accumulate_rule, _zero_rule
 
@@ -59,6 +59,39 @@ def optimizer_cases(every_dtype: bool = True) -> list[Case]:
     return list(cases.values())
 
 
+def int8_cases() -> list[Case]:
+    """8-bit state (`state_dtype="int8"`: codes and one scale per block of 256 elements, updated
+    by the block-structured kernel): every structure of every registered optimizer that keeps
+    state, the parameter dtypes in turn (float64, float32 and half parameters give blocks of
+    128, 64 and 32 threads). Their codes round stochastically: no capturable variant."""
+    cases: dict[str, Case] = {}
+    turn = itertools.count()
+    for name, cls in OPTIMIZERS.items():
+        for config in registry.structures(cls):
+            dtype = FLOATS[next(turn) % len(FLOATS)]
+            rule = rule_for(name, str(dtype), state_dtype="int8", **config)
+            if any(s.per_block for s in rule.slots):
+                scalars = tuple(registry.example_scalars(cls, config).items())
+                cases.setdefault(rule.key, Case(name, tuple(config.items()), rule, scalars))
+    return list(cases.values())
+
+
+def nearest_int8(optimizer: str, rule: UpdateRule) -> UpdateRule:
+    """`rule` of the registered `optimizer` (float state) with its state in 8 bits as
+    `state_dtype="int8"` keeps it, but its codes rounded to nearest (`ir.quantized(key=None)`):
+    a rule with a capturable variant."""
+    unsigned = OPTIMIZERS[optimizer].unsigned_state
+    maps = {s.name: "unsigned" if s.name in unsigned else "signed"
+            for s in rule.slots[2:] if s.written}
+    return quantized(rule, maps, f"{rule.name}_int8_nearest", key=None)
+
+
+def has_capturable_variant(rule: UpdateRule) -> bool:
+    """Whether `rule` has a capturable variant: not when a per-tensor value comes from the host
+    at every step (the keys of stochastic rounding, of parameters or of 8-bit codes)."""
+    return "rounding_key" not in rule.per_tensor_names
+
+
 def optimizer_rules() -> list[UpdateRule]:
     """The rules of `optimizer_cases()`."""
     return [case.rule for case in optimizer_cases()]
@@ -76,28 +109,39 @@ def zero_rules() -> list[UpdateRule]:
 
 
 def all_rules() -> list[UpdateRule]:
-    """Every kernel the library can generate today."""
-    return optimizer_rules() + accumulate_rules() + zero_rules()
+    """Every kernel the library can generate today (8-bit state included)."""
+    return (optimizer_rules() + [case.rule for case in int8_cases()] + accumulate_rules()
+            + zero_rules())
 
 
 def capturable_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
-    """Every rule of `all_rules()` with the formulas of its capturable variant ({} for the
-    accumulate and zero rules, whose only per-tensor value is the `first` flag)."""
+    """Every rule of `all_rules()` that has a capturable variant, with the formulas of that
+    variant ({} for the accumulate and zero rules, whose only per-tensor value is the `first`
+    flag)."""
     formulas = {case.rule.key: case.formulas for case in optimizer_cases()}
-    return [(rule, formulas.get(rule.key, {})) for rule in all_rules()]
+    return [(rule, formulas.get(rule.key, {})) for rule in all_rules()
+            if has_capturable_variant(rule)]
 
 
 def compact_rules() -> list[tuple[UpdateRule, dict[str, Expr]]]:
     """Rules with compact state (`state_dtype`), master copies (`master_weights`) and
-    stochastic rounding, with their optimizers' formulas: bfloat16 state beside half and float32
-    parameters, a float32 copy of half parameters, rounding keys, with and without a reduction
-    (stochastically rounded rules have no capturable variant: their keys come from the host)."""
+    stochastic rounding, with their optimizers' formulas: bfloat16 and 8-bit state beside half,
+    float32 and float64 parameters, a float32 copy of half parameters, rounding keys, with and
+    without a reduction (stochastically rounded rules have no capturable variant: their keys
+    come from the host; 8-bit state rounded to nearest has one)."""
     configs = [("adamw", "bfloat16", dict(state_dtype="bfloat16", master_weights=True,
                                           clip_norm=1.0)),
                ("sgd", "float16", dict(momentum=0.9, master_weights=True)),
                ("rmsprop", "float32", dict(state_dtype="bfloat16", centered=True)),
                ("adagrad", "bfloat16", dict(master_weights=True)),
                ("adamw", "bfloat16", dict(stochastic_rounding=True, state_dtype="bfloat16")),
-               ("sgd", "bfloat16", dict(momentum=0.9, stochastic_rounding=True, clip_norm=1.0))]
-    return [(rule_for(name, dtype, **config), tensor_formulas(name))
-            for name, dtype, config in configs]
+               ("sgd", "bfloat16", dict(momentum=0.9, stochastic_rounding=True, clip_norm=1.0)),
+               ("adamw", "bfloat16", dict(state_dtype="int8", master_weights=True,
+                                          clip_norm=1.0)),
+               ("sgd", "float16", dict(momentum=0.9, state_dtype="int8")),
+               ("rmsprop", "float64", dict(state_dtype="int8", centered=True, momentum=0.5)),
+               ("adagrad", "float32", dict(state_dtype="int8"))]
+    rules = [(rule_for(name, dtype, **config), tensor_formulas(name))
+             for name, dtype, config in configs]
+    adam = nearest_int8("adam", rule_for("adam", "float32", clip_norm=1.0))
+    return rules + [(adam, tensor_formulas("adam"))]

@@ -163,7 +163,7 @@ class Model:
             for t in range(numel.shape[0]):
                 for k, slot in enumerate(rule.slots):
                     start = int(ptrs[t, k])
-                    span = (start, start + int(numel[t]) * slot.dtype.itemsize)
+                    span = (start, start + slot.length(int(numel[t])) * slot.dtype.itemsize)
                     (writes if slot.written else reads).append(span)
         return reads, writes
 

@@ -182,8 +182,13 @@ def test_dump_state_dtype_shows_the_compact_rule(capsys):
     assert code == 0
     assert "exp_avg: bfloat16 inout, exp_avg_sq: bfloat16 inout" in out.splitlines()[0]
     assert "= cast %" in out and ": bfloat16" in out  # stored rounded, loaded widened
-    code, _, err = run(capsys, "dump", "--state-dtype", "int8")
-    assert code == 2 and "invalid choice: 'int8'" in err
+    code, out, _ = run(capsys, "dump", "--optimizer", "adam", "--state-dtype", "int8")
+    assert code == 0
+    assert ("exp_avg: uint8 inout codes signed, exp_avg_absmax: float32 inout per-block"
+            in out.splitlines()[0])
+    assert "= block_absmax %" in out and "= encode_sr %" in out and "map unsigned" in out
+    code, _, err = run(capsys, "dump", "--state-dtype", "int4")
+    assert code == 2 and "invalid choice: 'int4'" in err
 
 
 def test_dump_out_writes_one_file_per_stage_named_by_configuration(capsys, tmp_path):

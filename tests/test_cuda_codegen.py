@@ -18,14 +18,19 @@ from stepjit.ir import (
     Op,
     Slot,
     UpdateRule,
+    block_absmax,
     const,
+    decode,
+    encode,
     maximum,
     minimum,
     per_tensor,
+    quantized,
     scalar,
     tensor,
     where,
 )
+from stepjit.optim import rule_for
 from stepjit.optim.adagrad import adagrad_rule
 from stepjit.optim.adam import adam_rule
 from stepjit.optim.lars import lars_rule
@@ -67,7 +72,8 @@ def test_render_is_deterministic_across_processes():
     texts = [gpu.render(sgd), gpu.render(_accumulate_rule(F32, F16)),
              gpu.render(sgd, capturable={}),
              gpu.render(adam_rule(True, False, True, True, F16, F32),
-                        capturable=tensor_formulas("adamw"))]
+                        capturable=tensor_formulas("adamw")),
+             gpu.render(rule_for("rmsprop", "float32", state_dtype="int8", centered=True))]
     here = "\n=====\n".join(texts)
     script = (
         "from stepjit.runtime import gpu; from stepjit.ir import DType as D\n"
@@ -79,7 +85,9 @@ def test_render_is_deterministic_across_processes():
         "adam = registry.configure(OPTIMIZERS['adamw']).tensor_formulas()\n"
         "texts = [gpu.render(sgd), gpu.render(_accumulate_rule(D.F32, D.F16)),\n"
         "         gpu.render(sgd, capturable={}),\n"
-        "         gpu.render(adam_rule(True, False, True, True, D.F16, D.F32), capturable=adam)]\n"
+        "         gpu.render(adam_rule(True, False, True, True, D.F16, D.F32), capturable=adam),\n"
+        "         gpu.render(registry.rule_for('rmsprop', 'float32', state_dtype='int8',\n"
+        "                                      centered=True))]\n"
         "print('\\n=====\\n'.join(texts), end='')\n"
     )
     for seed in ("1", "2"):
@@ -342,6 +350,10 @@ def test_templates_are_found_and_complete():
                             "${run_end}", "${exact_terms}", "${block_sums}"),
         "tensor_sums.cu": ("${kernel_name}", "${scalar_params}", "${chunk_sums}", "${totals}"),
         "prepare.cu": ("${kernel_name}", "${input_params}", "${formulas}", "${writes}"),
+        "update_blocks.cu": ("${kernel_name}", "${stage_lambdas}", "${block_loop}",
+                             "${load_packs}", "${store_packs}", "${scalar_params}",
+                             "${tensor_sums}", "${group}", "${scratch}"),
+        "quantized.cuh": ("decode_code", "encode_code", "encode_code_sr", "group_max"),
     }
     for name, wanted in fields.items():
         text = (folder / name).read_text()
@@ -364,6 +376,92 @@ def test_const_only_rule_and_bool_per_tensor():
     c = const(2.0, F64)
     rule = UpdateRule("k", [Slot("w", F64, written=True)], {"w": tensor("w", F64) * c})
     assert "w_out = v" in gpu.render(rule)
+
+
+# -- 8-bit state -----------------------------------------------------------------------------------
+INT8_ADAM = rule_for("adam", "float32", state_dtype="int8")
+
+
+def test_int8_update_is_one_pass_in_blocks_of_threads():
+    """A rule with per-block values: VEC consecutive elements per thread, aligned or not, so a
+    block of 256 elements stays with 64 threads; the early part keeps the values the codes need
+    in registers, the group reduces the maxima, the reciprocal of each scale is computed once
+    per thread, the late part encodes, the group's first thread stores the scales."""
+    update = _kernel(gpu.render(INT8_ADAM), f"{INT8_ADAM.name}_update")
+    assert "constexpr int GROUP = 64;" in update
+    assert "for (long long base = begin; base < end; base += (long long)BLOCK * VEC) {" in update
+    assert "const long long i = base + (long long)threadIdx.x * VEC;" in update
+    assert "constexpr long long spacing = 1;" in update
+    # scales: read element by element at index >> 8, never part of a wide access
+    assert "exp_avg_absmax_v.v[k] = exp_avg_absmax_ptr[(i + k * spacing) >> 8];" in update
+    assert "pack_aligned<VEC>(exp_avg_absmax_ptr)" not in update
+    assert "pack_aligned<VEC>(exp_avg_ptr)" in update and "store_pack(exp_avg_ptr + i" in update
+    early = update.split("auto early = ")[1].split("};")[0]
+    late = update.split("auto late = ")[1].split("};")[0]
+    assert "decode_code<true, 4, 3>(exp_avg)" in early and "param_out = " in early
+    assert "encode_code" not in early and "absmax_0" not in early
+    assert "encode_code_sr<true, 4, 3>(" in late and "encode_code_sr<false, 5, 3>(" in late
+    assert "hash_bits16(" in late and "1.0f / absmax" not in late
+    loop = update.split("for (long long base = begin;")[1]
+    order = ["float v16_kept[VEC];", "unsigned absmax_bits[2] = {};", "early(",
+             "absmax_bits[0] = fold_absmax(absmax_bits[0], v16_kept[k]);",
+             "group_max<GROUP, BLOCK>(absmax_bits, scratch);",
+             "const float absmax_0 = __uint_as_float(absmax_bits[0]);",
+             "= 1.0f / absmax_0;", "late(", "if (threadIdx.x % GROUP == 0 && i < end) {",
+             "exp_avg_absmax_ptr[i >> 8] = absmax_0;", "store_pack(param_ptr + i, param_v);"]
+    at = [loop.index(x) for x in order]
+    assert at == sorted(at), order
+    assert "__shared__ unsigned scratch[2 * (BLOCK / 32)];" in update
+
+
+def test_int8_helpers_only_where_needed():
+    plain = gpu.render(sgd_rule(True, False, True, True, F32, F32))
+    assert "STEPJIT_QUANTIZED_CUH" not in plain and "unsigned hash_bits16(" not in plain
+    source = gpu.render(INT8_ADAM)
+    assert source.count("#define STEPJIT_QUANTIZED_CUH") == 1
+    assert source.count("__device__ __forceinline__ unsigned hash_bits16(") == 1
+    nearest = quantized(rule_for("adam", "float32"), {"exp_avg": "signed"}, "nearest", key=None)
+    text = gpu.render(nearest)
+    assert "encode_code<true, 4, 3>(" in text and "unsigned hash_bits16(" not in text
+    decoded = UpdateRule("decoded", [Slot("code", DType.U8), Slot("x", F32, True)],
+                         {"x": decode(tensor("code", DType.U8), "unsigned")})
+    text = gpu.render(decoded)  # codes without blocks: the helpers, the plain update kernel
+    assert "decode_code<false, 5, 3>(code)" in text and "STEPJIT_QUANTIZED_CUH" in text
+    assert "auto update = " in text and "group_max" not in text.split("extern")[-1]
+
+
+@pytest.mark.parametrize(("dtype", "vec", "group"),
+                         [("float64", 2, 128), ("float32", 4, 64), ("bfloat16", 8, 32)])
+def test_int8_threads_per_block_of_256(dtype, vec, group):
+    """The scales (float32, one per block) do not set the pack width: the element slots do."""
+    info = cuda.describe(rule_for("sgd", dtype, momentum=0.9, state_dtype="int8"))
+    assert (info.vec, info.group) == (vec, group)
+    assert cuda.describe(rule_for("sgd", dtype, momentum=0.9)).group == 0
+
+
+def test_int8_geometry_is_refused_where_a_block_would_split():
+    codes = UpdateRule("codes", [Slot("c", DType.U8, True), Slot("s", F32, True, per_block=True)],
+                       {"c": encode(decode(tensor("c", DType.U8), "signed"), "signed"),
+                        "s": block_absmax(decode(tensor("c", DType.U8), "signed"))})
+    assert (cuda.describe(codes).vec, cuda.describe(codes).group) == (16, 16)  # half a warp
+    f64 = rule_for("adagrad", "float64", state_dtype="int8")
+    with pytest.raises(ValueError, match="block must be a multiple of 128, got 64"):
+        cuda.describe(f64, block=64)
+    with pytest.raises(ValueError, match="chunk must be a multiple of 256, got 128"):
+        cuda.describe(INT8_ADAM, chunk=128)
+    assert cuda.describe(f64, block=128, chunk=256).group == 128
+
+
+def test_codes_are_not_cast():
+    with pytest.raises(TypeError, match="cast to uint8: codes of 8-bit state are no numbers"):
+        tensor("x", F32).cast(DType.U8)
+    with pytest.raises(TypeError, match="cast takes .* operands, not int8"):
+        tensor("c", DType.I8).cast(F32)
+
+
+def test_int8_names_of_block_values_are_reserved():
+    for name in ("absmax_0", "v3_kept", "group_max", "hash_bits16", "GROUP"):
+        assert cuda.c_name(name) == f"{name}_arg"
 
 
 # -- the capturable variant ------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Every kernel the library can generate compiles for sm_75, sm_80 and sm_90 (no GPU needed).
 
 "Every kernel": every structure of every registered optimizer (`registry.structures`) in every
-parameter dtype, plus one mixed gradient dtype each, and the accumulate and zero rules (see
-`cuda_rules`), each in its plain and its capturable variant (for CUDA graphs, with the
-optimizer's per-tensor formulas). To stay fast on small CI machines, each rule's plain variant
-is compiled for one architecture (round robin) and its capturable variant for one of sm_80 and
-sm_90 (graph capture's targets), in one NVRTC program where the two architectures agree; a set of
-rules that together use every template path (every kernel, every dtype as parameter, gradient
-and state, the accumulate and zero rules) is compiled for all three, both variants in one
-program. Compilations run in parallel threads (NVRTC releases the GIL).
+parameter dtype, plus one mixed gradient dtype each, with 8-bit state in one dtype each, and the
+accumulate and zero rules (see `cuda_rules`), each in its plain and its capturable variant (for
+CUDA graphs, with the optimizer's per-tensor formulas; none where a per-tensor value comes from
+the host at every step: stochastic rounding's keys). To stay fast on small CI machines, each
+rule's plain variant is compiled for one architecture (round robin) and its capturable variant
+for one of sm_80 and sm_90 (graph capture's targets), in one NVRTC program where the two
+architectures agree; a set of rules that together use every template path (every kernel, every
+dtype as parameter, gradient and state, the accumulate and zero rules, 8-bit state) is compiled
+for all three, both variants in one program. Compilations run in parallel threads (NVRTC
+releases the GIL).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from cuda_rules import FLOATS, all_rules, capturable_rules, compact_rules
+from cuda_rules import (
+    FLOATS,
+    all_rules,
+    capturable_rules,
+    compact_rules,
+    has_capturable_variant,
+    int8_cases,
+)
 
 from stepjit.codegen import cuda
 from stepjit.ir import OPS, DType, UpdateRule
@@ -57,7 +66,7 @@ def path_rules():
               _accumulate_rule(DType.F32, DType.BF16), _accumulate_rule(DType.F64, DType.F16),
               _zero_rule(DType.F16), _zero_rule(DType.BF16),
               rule_for("adamw", "float32", clip_norm=1.0)]  # prepare with float64 formulas
-    rules += [rule for rule, _ in compact_rules()]  # bfloat16 state, master copies
+    rules += [rule for rule, _ in compact_rules()]  # bfloat16 and 8-bit state, master copies
     return rules
 
 
@@ -88,11 +97,11 @@ def plan() -> list[Job]:
     wanted: dict[tuple[str, str], dict] = {}  # (rule key, arch) -> {"plain": ..., ...}
     for i, rule in enumerate(all_rules()):
         wanted.setdefault((rule.key, ARCHS[i % len(ARCHS)]), {})["plain"] = True
-        wanted.setdefault((rule.key, CAPTURABLE_ARCHS[i % 2]), {})["capturable"] = True
+        if has_capturable_variant(rule):
+            wanted.setdefault((rule.key, CAPTURABLE_ARCHS[i % 2]), {})["capturable"] = True
     for rule in path_rules():
         for arch in ARCHS:  # the keys of stochastic rounding come from the host: no capture
-            wanted[(rule.key, arch)] = {"plain": True,
-                                        "capturable": "rounding_key" not in rule.per_tensor_names}
+            wanted[(rule.key, arch)] = {"plain": True, "capturable": has_capturable_variant(rule)}
     rules = {r.key: r for r in all_rules() + path_rules()}
     return [Job(rules[key], formulas.get(key, {}) if kinds.get("capturable") else None,
                 kinds.get("plain", False), arch) for (key, arch), kinds in wanted.items()]
@@ -123,7 +132,7 @@ def compiled():
 def test_plan_covers_every_rule_and_every_arch():
     keys = {r.key for r in all_rules() + path_rules()}
     assert {job.rule.key for job in PLAN if job.plain} == keys
-    host_keys = {r.key for r in path_rules() if "rounding_key" in r.per_tensor_names}
+    host_keys = {r.key for r in all_rules() + path_rules() if not has_capturable_variant(r)}
     assert host_keys  # stochastic rounding: no capturable variant
     assert {job.rule.key for job in PLAN if job.formulas is not None} == keys - host_keys
     assert all(job.arch in CAPTURABLE_ARCHS for job in PLAN
@@ -149,6 +158,7 @@ def test_every_registered_optimizer_is_in_the_plan():
             for d in FLOATS:
                 key = rule_for(name, str(d), **config).key
                 assert key in plain and key in capturable, (name, config, d)
+    assert {case.rule.key for case in int8_cases()} <= plain  # stochastic codes: plain only
 
 
 def _entries(ptx: str) -> dict[str, str]:

@@ -36,6 +36,7 @@ RMSPROP = stepjit.optim.rule_for("rmsprop", "float32")  # counts steps, no per-t
 COMPACT = dict(momentum=0.9, weight_decay=1e-2, state_dtype="bfloat16", master_weights=True)
 SGD_COMPACT = stepjit.optim.rule_for("sgd", "bfloat16", **COMPACT)  # bfloat16 state, a copy
 SGD_SR = stepjit.optim.rule_for("sgd", "bfloat16", momentum=0.9, stochastic_rounding=True)
+ADAM_INT8 = stepjit.optim.rule_for("adam", "float32", state_dtype="int8")  # codes and scales
 
 
 def _formulas(cls) -> dict:
@@ -57,6 +58,7 @@ RULES = [
     SGD_COMPACT,
     (SGD_COMPACT, {}),
     SGD_SR,
+    ADAM_INT8,
 ]
 
 
@@ -626,3 +628,58 @@ def test_stochastic_rounding_through_the_cuda_backend(fake):
                                  capturable=True)
     with pytest.raises(ValueError, match="capturable step cannot use it yet"):
         captured.step()
+
+
+def test_int8_state_through_the_cuda_backend(fake):
+    # 8-bit Adam state (signed codes in int8 arrays, unsigned ones in uint8, one float32 scale
+    # per block of 256): the CUDA launches give the reference interpreter's bits
+    cp = sys.modules["cupy"]
+    rng = np.random.default_rng(8)
+    sizes = (1000, 70_000, 3)
+    data = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    params = [stepjit.Parameter(cp.asarray(d)) for d in data]
+    ref = [stepjit.Parameter(d.copy()) for d in data]
+    opts = [stepjit.optim.Adam(ps, lr=1e-2, state_dtype="int8", rounding_seed=3, backend=b)
+            for ps, b in ((params, None), (ref, "reference"))]
+    for _ in range(3):
+        for p, r in zip(params, ref, strict=True):
+            r.grad = rng.standard_normal(r.shape).astype(np.float32)
+            p.grad = cp.asarray(r.grad)
+        for opt in opts:
+            opt.step()
+    assert f"{ADAM_INT8.name}_update" in fake
+    for p, r in zip(params, ref, strict=True):
+        assert p.data.get().tobytes() == r.data.tobytes()
+        for name in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
+            got, want = opts[0].state[p][name], opts[1].state[r][name]
+            assert got.dtype == want.dtype and got.get().tobytes() == want.tobytes(), name
+    assert opts[0].state[params[1]]["exp_avg"].dtype == np.int8
+    assert opts[0].state[params[1]]["exp_avg_absmax"].size == -(-70_000 // 256)
+
+
+def test_per_block_slots_are_checked_in_bytes(fake):
+    # a per-block slot spans one value per block of 256: a kernel is bound only to arrays of
+    # exactly the bytes it touches, and the signed codes may be int8
+    backend = gpu.CUDABackend(0)
+    kernel = backend.compile(ADAM_INT8)
+    n = 1000
+
+    def tensor(scales=4, codes=np.int8):
+        arrays = {"param": np.zeros(n, np.float32), "grad": np.zeros(n, np.float32),
+                  "exp_avg": np.zeros(n, codes), "exp_avg_absmax": np.zeros(scales, np.float32),
+                  "exp_avg_sq": np.zeros(n, np.uint8),
+                  "exp_avg_sq_absmax": np.zeros(4, np.float32)}
+        return tuple(FakeArray(arrays[s.name]) for s in ADAM_INT8.slots)
+
+    values = np.zeros((1, len(ADAM_INT8.per_tensor)))
+    launch = backend.bind(kernel, [tensor(), tensor(codes=np.uint8)], np.zeros((2, 3)))
+    assert list(launch._numel) == [n, n]
+    with pytest.raises(ValueError, match="exp_avg_absmax: 4000 bytes where the kernel expects 16"):
+        backend.bind(kernel, [tensor(scales=n)], values)
+    with pytest.raises(ValueError, match="exp_avg_absmax: 12 bytes where the kernel expects 16"):
+        backend.bind(kernel, [tensor(scales=3)], values)
+    k = [s.name for s in ADAM_INT8.slots].index("exp_avg_absmax")
+    with pytest.raises(ValueError, match="bytes where the kernel expects 16"):
+        launch.repoint("exp_avg_absmax", [0], [FakeArray(np.zeros(5, np.float32))])
+    launch.repoint("exp_avg_absmax", [0], [FakeArray(np.zeros(4, np.float32))])
+    assert launch._ptrs[0, k] == launch.held[0][k].data.ptr

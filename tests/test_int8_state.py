@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import pytest
+from test_state_dtype import _config  # each optimizer's largest structure, with an lr
 
 import stepjit
 from stepjit.ir import (
@@ -31,15 +32,6 @@ from stepjit.optim import registry
 from stepjit.optim.compact import dequantize
 
 NAMES = sorted(registry.OPTIMIZERS)
-
-
-def _config(name: str) -> dict:
-    """The optimizer's largest structure (the most terms on), with an lr."""
-    cls = registry.OPTIMIZERS[name]
-    config = max(registry.structures(cls), key=lambda c: sum(bool(v) for v in c.values()))
-    if "lr" in registry.hyperparameters(cls):
-        config.setdefault("lr", 0.01)
-    return config
 
 
 def _grads(rng, params):
@@ -381,3 +373,18 @@ def test_a_per_block_output_without_a_block_reduction_is_stored_once_per_block()
     np.testing.assert_array_equal(x0, want["x"])
     np.testing.assert_array_equal(s0, want["s"])
     assert np.all(guard[-64:] == 7.0)
+
+
+def test_a_block_maximum_of_a_uniform_value_is_its_magnitude():
+    from stepjit.ir import block_absmax
+    from stepjit.runtime.cpu import LLVMBackend
+
+    s = scalar("s", DType.F32)
+    rule = UpdateRule("uniform_block", [Slot("x", DType.F32, True)],
+                      {"x": tensor("x", DType.F32) + block_absmax(s)})
+    x = np.arange(600, dtype=np.float32)
+    want = evaluate(rule, {"x": x}, {"s": -2.5}, {})["x"]
+    backend = LLVMBackend()
+    backend.bind(backend.compile(rule), [(x,)], np.zeros((1, 0)))((-2.5,))
+    np.testing.assert_array_equal(x, want)
+    np.testing.assert_array_equal(want, np.arange(600, dtype=np.float32) + 2.5)

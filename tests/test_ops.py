@@ -191,7 +191,7 @@ def conversion_case(op: Op, dtype: DType, rng) -> Case:
     """op(x) of a `dtype` operand, to every other dtype (an op whose result dtype is given)."""
     info = OPS[op]
     x = tensor("x", dtype)
-    targets = [d for d in DType if d is not dtype]
+    targets = [d for d in DType if d is not dtype and d in info.accepts]  # codes are no numbers
     rule = UpdateRule(f"{op.value}_{dtype}", [Slot("x", dtype)]
                       + [Slot(f"to_{d}", d, True) for d in targets],
                       {f"to_{d}": Expr(op, d, (x,)) for d in targets})
@@ -544,7 +544,10 @@ def test_every_op_has_a_record_and_every_backend_spells_it():
 
 
 def _build(op: Op, operands: list[Expr]) -> Expr:
-    if OPS[op].result is Result.GIVEN:
+    info = OPS[op]
+    if info.produces is not None:  # a code map's op: its arg names the map
+        return Expr(op, info.produces, tuple(operands), "signed")
+    if info.result is Result.GIVEN:
         return Expr(op, F32, tuple(operands))
     return apply(op, *operands)
 
@@ -555,12 +558,19 @@ def test_expression_checks_follow_the_record(op):
     """Operands of an accepted dtype build a node of the record's result dtype; any other
     dtype is a TypeError naming the op."""
     info = OPS[op]
-    if info.indexed:  # a float32 value and a float64 key, to bfloat16; nothing else
-        assert Expr(op, BF16, (tensor("x", F32), per_tensor("k", F64))).dtype is BF16
-        for x, k, out in [(F64, F64, BF16), (F32, F32, BF16), (F32, F64, F16)]:
+    if info.indexed:  # a float32 value and a float64 key, to its result; nothing else
+        result, arg = (info.produces, "signed") if info.produces else (BF16, None)
+        assert Expr(op, result, (tensor("x", F32), per_tensor("k", F64)), arg).dtype is result
+        for x, k, out in [(F64, F64, result), (F32, F32, result), (F32, F64, F16)]:
             with pytest.raises(TypeError, match=op.value):
-                Expr(op, out, (tensor("x", x), per_tensor("k", k)))
+                Expr(op, out, (tensor("x", x), per_tensor("k", k)), arg)
         return
+    if info.produces is not None:  # a code map's op: a map it knows, and its result dtype
+        x = tensor("x", next(iter(info.accepts)))
+        with pytest.raises(ValueError, match="unknown code map 'ternary'"):
+            Expr(op, info.produces, (x,), "ternary")
+        with pytest.raises(TypeError, match=f"{op.value} gives {info.produces}"):
+            Expr(op, F64, (x,), "signed")
     for dtype in DType:
         operands = [tensor(f"a{i}", BOOL if info.condition and i == 0 else dtype)
                     for i in range(info.arity)]

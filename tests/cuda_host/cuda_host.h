@@ -4,8 +4,9 @@
 // header force-included (-include cuda_host.h) and include/ on the include path (stand-ins for
 // cuda_fp16.h and cuda_bf16.h). A launch runs one block at a time; every thread of the block is a
 // real std::thread, __syncthreads is a barrier over them, and warp shuffles exchange values
-// through memory with a barrier per warp. __shared__ variables become function statics, shared
-// by the threads of the running block (blocks never run concurrently).
+// through memory with a barrier per warp (__syncwarp is that barrier). __shared__ variables
+// become function statics, shared by the threads of the running block (blocks never run
+// concurrently).
 #pragma once
 
 #include <math.h>
@@ -104,6 +105,32 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
     }
     block.warp_sync[warp]->arrive_and_wait();  // slots are rewritten by the next shuffle
     return result;
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+    static_assert(sizeof(T) <= sizeof(std::uint64_t), "shuffle of a value wider than 8 bytes");
+    if (mask != 0xffffffffu || width != 32 || lane_mask < 0 || lane_mask >= 32) {
+        throw std::invalid_argument("only full-warp shuffles are emulated");
+    }
+    cuda_host::Block& block = *cuda_host::running;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warp = threadIdx.x / 32;
+    std::uint64_t* slots = block.exchange.data() + warp * 32;
+    std::memcpy(&slots[lane], &value, sizeof(T));
+    block.warp_sync[warp]->arrive_and_wait();
+    T result;
+    std::memcpy(&result, &slots[lane ^ static_cast<unsigned>(lane_mask)], sizeof(T));
+    block.warp_sync[warp]->arrive_and_wait();  // slots are rewritten by the next shuffle
+    return result;
+}
+
+// A barrier over the warp (the whole warp: every generated call is made by all 32 lanes).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) {
+        throw std::invalid_argument("only full-warp barriers are emulated");
+    }
+    cuda_host::running->warp_sync[threadIdx.x / 32]->arrive_and_wait();
 }
 
 // -- reinterpreting bits ---------------------------------------------------------------------------
@@ -212,4 +239,9 @@ inline unsigned __float_as_uint(float x) {
     unsigned u;
     std::memcpy(&u, &x, sizeof u);
     return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
 }

@@ -149,7 +149,8 @@ class HostLibrary:
         capturable: bool = False,
         lr_source: np.ndarray | None = None,
     ) -> Result:
-        """Launch the rule's kernels over `tensors` (slot name -> 1-D array, updated in place).
+        """Launch the rule's kernels over `tensors` (slot name -> 1-D array, updated in place;
+        a per-block slot's array holds `Slot.length(numel)` values).
 
         `kernels`: the kernels to launch, in order; by default `info.kernels`, as the backend
         does. Leaving out the partial-sum kernel makes the others read `partials` as given.
@@ -161,7 +162,7 @@ class HostLibrary:
         slots = [s.name for s in rule.slots]
         tables = build_tables(
             [[t[s].ctypes.data for s in slots] for t in tensors],
-            [t[slots[0]].size for t in tensors],
+            [t[rule.numel_slot.name].size for t in tensors],  # per-block slots hold fewer
             info.chunk,
         )
         pt = np.zeros((max(1, len(tensors)), info.n_per_tensor))

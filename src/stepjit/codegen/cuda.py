@@ -29,6 +29,11 @@ are launched in that order over the same grid, block and arguments: for a rule w
 partials of its first chunk) and `update` (one load of the total per block); else `update`
 alone. Sums are added in an order fixed by the block size: deterministic, no atomics.
 
+A rule with per-block values (8-bit state: `blocked`) has a block-structured update kernel
+(`update_blocks.cu`): each block of QUANT_BLOCK elements is held by `info.group` consecutive
+threads, which reduce it (`block_absmax`) and store its per-block values once; a per-block slot's
+column of tensor_ptrs addresses ceil(numel / QUANT_BLOCK) values, element i's at i >> 8.
+
 The capturable variant (`capturable=` the optimizer's `tensor_formulas()`) is for steps captured
 in a CUDA graph: its kernels (names ending in `_capturable`) take `const float* lr_source` after
 `chunk_partials`; when it is not null, the value the rule uses as `lr` is the `lr` argument
@@ -46,8 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import OPS, DType, Expr, Op, Slot, UpdateRule, apply
-from ..ir.ops import LEAVES, RANDOM_MIX
+from ..ir import CODE_MAPS, OPS, QUANT_BLOCK, DType, Expr, Op, Slot, UpdateRule, apply
+from ..ir.ops import CODED, HASH32, LEAVES, RANDOM_MIX
 from . import check_supported
 
 BLOCK = 512
@@ -75,10 +80,17 @@ CTYPES: dict[DType, str] = {
     DType.F16: "__half",
     DType.BF16: "__nv_bfloat16",
     DType.BOOL: "bool",
+    DType.U8: "unsigned char",  # 8-bit codes
+    DType.I8: "signed char",  # (signed codes live in int8 host arrays; kernels read them as U8)
 }
 """The C type of each IR dtype."""
 
-TEMPLATE_NAMES = ("prelude.cuh", "partial_sums.cu", "tensor_sums.cu", "update.cu", "prepare.cu")
+TEMPLATE_NAMES = ("prelude.cuh", "partial_sums.cu", "tensor_sums.cu", "update.cu", "prepare.cu",
+                  "quantized.cuh", "update_blocks.cu")
+
+QUANT_SHIFT = QUANT_BLOCK.bit_length() - 1
+"""An element's index shifted right by this many bits: the index of its block's value in a
+per-block slot."""
 
 Emitter = Callable[[Expr, Sequence[str]], str]
 
@@ -143,7 +155,8 @@ def _from_float(x: str, dtype: DType) -> str:
 
 
 def cast(x: str, src: DType, dst: DType) -> str:
-    """C code converting the value `x` from `src` to `dst`, rounding as numpy's astype does."""
+    """C code converting the value `x` from `src` to `dst`, rounding as numpy's astype does
+    (never 8-bit codes: the IR refuses such a cast, DECODE and ENCODE convert them)."""
     if src is dst:
         return x
     if dst is DType.BOOL:  # nonzero (NaN included) is true
@@ -196,6 +209,20 @@ def _libm_call(name: str) -> Emitter:
     return _arith(lambda d, a: f"{name}{_suffix(d)}({a[0]})")
 
 
+def _code_map_call(helper: str, stochastic: bool = False) -> Emitter:
+    """A call of `helper` (codegen_templates/quantized.cuh) for the node's code map, its format
+    as template arguments: <signed, exponent bits, fraction bits>. `stochastic`: the second
+    operand is a key, and the helper takes 16 random bits of (key, the element's index)."""
+
+    def emit(node: Expr, args: Sequence[str]) -> str:
+        m = CODE_MAPS[str(node.arg)]
+        form = f"{'true' if m.signed else 'false'}, {m.exponent}, {m.fraction}"
+        operands = f"{args[0]}, hash_bits16({args[1]}, index)" if stochastic else args[0]
+        return f"{helper}<{form}>({operands})"
+
+    return emit
+
+
 CUDA_OPS: dict[Op, Emitter] = {
     # leaves: a slot's element, a kernel argument, a per-tensor local, a literal
     Op.TENSOR: _leaf_name,
@@ -217,6 +244,12 @@ CUDA_OPS: dict[Op, Emitter] = {
     Op.ROUND_SR: lambda n, a: f"round_sr_bf16({a[0]}, {a[1]}, index)",
     # the tensor's total: reduced before the element loop; its operand is the total's name
     Op.SUM: lambda n, a: a[0],
+    # 8-bit state: a block's largest magnitude, reduced over the block's threads before the code
+    # that reads it (its operand is the reduction's name); codes to and from float32
+    Op.BLOCK_ABSMAX: lambda n, a: a[0],
+    Op.DECODE: _code_map_call("decode_code"),
+    Op.ENCODE: _code_map_call("encode_code"),
+    Op.ENCODE_SR: _code_map_call("encode_code_sr", stochastic=True),
 }
 """How each op is written in CUDA C: `emitter(node, operand_expressions) -> expression`."""
 
@@ -244,6 +277,22 @@ __device__ __forceinline__ __nv_bfloat16 round_sr_bf16(float x, double key, long
 """
 
 
+_HASH_BITS_HELPER = f"""
+#ifndef STEPJIT_HASH_BITS16
+#define STEPJIT_HASH_BITS16
+// 16 random bits of (key, the element's index within its tensor), for encode_code_sr: the top
+// half of lowbias32 of the key's low 32 bits + the index (32-bit wrapping arithmetic; a stream
+// repeats every 2^32 elements). The same bits as the interpreter's stepjit.ir.ops.hash_bits16.
+__device__ __forceinline__ unsigned hash_bits16(double key, long long index) {{
+    unsigned x = (unsigned)(unsigned long long)key + (unsigned)index;
+    x = (x ^ (x >> 16)) * {int(HASH32[0]):#x}u;
+    x = (x ^ (x >> 15)) * {int(HASH32[1]):#x}u;
+    return (x ^ (x >> 16)) >> 16;
+}}
+#endif  // STEPJIT_HASH_BITS16
+"""
+
+
 # -- names -----------------------------------------------------------------------------------------
 _C_MATH = frozenset(
     name for info in OPS.values() if info.libm for name in (info.libm, info.libm + "f")
@@ -261,13 +310,16 @@ _RESERVED = _C_MATH | frozenset(
     index round_sr_bf16 float32_run_ok
     tensor_ptrs tensor_numel chunk_table per_tensor_values chunk_partials chunk tensor numel
     begin end i k aligned spacing wide update accumulate accumulate_exact scratch first_chunk
-    n_chunks c partials totals lr_source lr_arg steps n_tensors step_count""".split()
+    n_chunks c partials totals lr_source lr_arg steps n_tensors step_count
+    GROUP base early late absmax_bits power_of_two decode_code encode_code encode_code_sr
+    hash_bits16 fold_absmax group_barrier group_max""".split()
 )
 
 
 def c_name(name: str) -> str:
     """The C identifier of an IR name (slot, scalar or per-tensor value)."""
-    if name in _RESERVED or re.fullmatch(r"(v|sum_|run_)\d+", name) or name.startswith("__"):
+    if (name in _RESERVED or re.fullmatch(r"(v\d+(_kept)?|(sum|run|absmax)_\d+)", name)
+            or name.startswith("__")):
         return f"{name}_arg"
     return name
 
@@ -292,6 +344,8 @@ class KernelInfo:
     the arguments `params` (as the update kernel declares them: the others write chunk_partials).
     A capturable variant's `prepare` kernel runs before them, over
     ceil(n_tensors / prepare_block) blocks of `prepare_block` threads, with `prepare_params`.
+    A rule with per-block values (`blocked`) updates each block of QUANT_BLOCK elements with
+    `group` consecutive threads.
     """
 
     rule_name: str
@@ -302,6 +356,7 @@ class KernelInfo:
     block: int  # threads per block
     chunk: int  # elements per chunk (one block per chunk)
     vec: int  # elements per thread per wide access
+    group: int  # blocked rules: threads per block of QUANT_BLOCK elements (QUANT_BLOCK / vec)
     slots: tuple[str, ...]  # columns of tensor_ptrs
     scalars: tuple[tuple[str, DType], ...]  # trailing kernel arguments, in order
     n_per_tensor: int  # columns of per_tensor_values (at least 1)
@@ -343,10 +398,19 @@ def describe(
     when `capturable` holds the optimizer's per-tensor formulas (see `render`)."""
     if block % 32 or not 32 <= block <= 1024:
         raise ValueError(f"block must be a multiple of 32 in [32, 1024], got {block}")
-    widest = max((s.dtype.itemsize for s in rule.slots), default=4)
+    # per-block slots are not moved in packs: one value per block
+    widest = max((s.dtype.itemsize for s in rule.slots if not s.per_block), default=4)
     vec = max(1, 16 // widest)
     if chunk <= 0 or chunk % vec:
         raise ValueError(f"chunk must be a positive multiple of {vec}, got {chunk}")
+    group = QUANT_BLOCK // vec if blocked(rule) else 0
+    if group and chunk % QUANT_BLOCK:
+        raise ValueError(f"rule {rule.name} keeps one value per block of {QUANT_BLOCK} "
+                         f"elements: chunk must be a multiple of {QUANT_BLOCK}, got {chunk}")
+    if group and block % group:
+        raise ValueError(f"rule {rule.name}: a block of {QUANT_BLOCK} elements takes {group} "
+                         f"threads of {vec} elements: block must be a multiple of {group}, "
+                         f"got {block}")
     variant = capturable is not None
     inputs = _prepare_inputs(rule, capturable) if variant else ()
 
@@ -370,6 +434,7 @@ def describe(
         block=block,
         chunk=chunk,
         vec=vec,
+        group=group,
         slots=tuple(s.name for s in rule.slots),
         scalars=rule.scalars,
         n_per_tensor=max(1, len(rule.per_tensor)),
@@ -381,6 +446,13 @@ def describe(
         prepare_block=PREPARE_BLOCK,
         prepare_params=prepare_params if prepare else (),
     )
+
+
+def blocked(rule: UpdateRule) -> bool:
+    """Whether `rule` has per-block values (8-bit state): per-block slots or block reductions.
+    Its update kernel is then block-structured (`update_blocks.cu`): a block's elements stay with
+    one group of threads, which reduce them and store the block's values once."""
+    return bool(rule.block_reductions) or any(s.per_block for s in rule.slots)
 
 
 def _prepare_inputs(rule: UpdateRule, formulas: Mapping[str, Expr]) -> tuple[str, ...]:
@@ -418,6 +490,8 @@ class Templates:
     tensor_sums: str
     update: str
     prepare: str
+    quantized: str  # helpers of blocked rules, included after the prelude
+    update_blocks: str  # the update kernel of blocked rules
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> Templates:
@@ -440,15 +514,23 @@ def _reachable(roots: Sequence[Expr], *, through_sums: bool) -> set[Expr]:
     return seen
 
 
+def _block_reductions(rule: UpdateRule) -> list[Expr]:
+    """The block reductions the update kernel computes across threads: those of an operand
+    uniform over the tensor are its magnitude, computed with the uniform values."""
+    return [n for n in rule.block_reductions if n.elementwise]
+
+
 class _Lowering:
     """The statements of one kernel: per-block (uniform) values and per-element values."""
 
     def __init__(self, rule: UpdateRule, needed: set[Expr]) -> None:
         self.rule = rule
         self.index = {n: i for i, n in enumerate(rule.nodes)}
+        self.blocks = _block_reductions(rule)
         self.names: dict[Expr, str] = {}
         self.uniform: list[str] = []
         self.elementwise: list[str] = []
+        self.statements: dict[Expr, str] = {}  # the elementwise ones, by node
         for node in rule.nodes:
             if node in needed:
                 self._emit(node)
@@ -456,7 +538,8 @@ class _Lowering:
     def describe(self, node: Expr) -> str:
         """`node` as the rule's text writes it: `%N = op %A, %B : dtype`."""
         operands = ", ".join(f"%{self.index[s]}" for s in node.src)
-        return f"%{self.index[node]} = {node.op.value} {operands} : {node.dtype}"
+        code_map = f" map {node.arg}" if node.op in CODED else ""
+        return f"%{self.index[node]} = {node.op.value} {operands}{code_map} : {node.dtype}"
 
     def _emit(self, node: Expr) -> None:
         if node.op in LEAVES:
@@ -466,11 +549,19 @@ class _Lowering:
             k = self.rule.reductions.index(node)
             self.names[node] = CUDA_OPS[Op.SUM](node, [f"sum_{k}"])
             return
-        expr = CUDA_OPS[node.op](node, [self.names[s] for s in node.src])
+        if node in self.blocks:  # reduced over the block's threads (update_blocks.cu)
+            k = self.blocks.index(node)
+            self.names[node] = CUDA_OPS[Op.BLOCK_ABSMAX](node, [f"absmax_{k}"])
+            return
+        # the largest magnitude over a block of a value uniform over the tensor: its magnitude
+        op = Op.ABS if node.op is Op.BLOCK_ABSMAX else node.op
+        expr = CUDA_OPS[op](node, [self.names[s] for s in node.src])
         name = f"v{self.index[node]}"
         self.names[node] = name
         line = f"const {CTYPES[node.dtype]} {name} = {expr};  // {self.describe(node)}"
         (self.elementwise if node.elementwise else self.uniform).append(line)
+        if node.elementwise:
+            self.statements[node] = line
 
 
 def _expression(node: Expr, names: Mapping[Expr, str]) -> str:
@@ -547,9 +638,15 @@ def _kernel_parts(
 ) -> dict[str, str]:
     """The template fields both element kernels fill alike: the parameters, pointers and
     per-tensor values, the element lambda's parameters and its call on element k of the packs,
-    the packs' loads and stores."""
+    the packs' loads and stores.
+
+    A per-block slot is read element by element into a pack too (each element its block's
+    value, at index >> QUANT_SHIFT), but takes no part in wide accesses; it is written once per
+    block by the blocked update kernel, not through a pack."""
     reads = _slot_reads(needed)
     slots = [s for s in rule.slots if s.name in reads or s.name in written]
+    packed = [s for s in slots if s.name in reads or not s.per_block]
+    elements = [s for s in slots if not s.per_block]  # moved in wide accesses when aligned
     pointers = []
     for s in slots:
         col = info.slots.index(s.name)
@@ -566,27 +663,24 @@ def _kernel_parts(
             per_tensor.append(
                 f"const {CTYPES[dtype]} {c_name(name)} = {cast(value, DType.F64, dtype)};"
             )
-    params, args = [], []
-    if any(OPS[n.op].indexed for n in needed):  # a random stream: the element's index
-        params.append("const long long index")
-        args.append("i + k * spacing")
-    for s in slots:
-        if s.name in reads:
-            params.append(f"const {CTYPES[s.dtype]} {c_name(s.name)}")
-            args.append(f"{c_name(s.name)}_v.v[k]")
-    for s in slots:
-        if s.name in written:
-            params.append(f"{CTYPES[s.dtype]}& {c_name(s.name)}_out")
-            args.append(f"{c_name(s.name)}_v.v[k]")
-    loads = [f"Pack<{CTYPES[s.dtype]}, VEC> {c_name(s.name)}_v;" for s in slots]
-    loaded = [c_name(s.name) for s in slots if s.name in reads]
+    params, args = _element_signature(
+        [s for s in slots if s.name in reads], [s for s in elements if s.name in written],
+        any(OPS[n.op].indexed for n in needed))
+    loads = [f"Pack<{CTYPES[s.dtype]}, VEC> {c_name(s.name)}_v;" for s in packed]
+    loaded = [c_name(s.name) for s in elements if s.name in reads]
     if loaded:
         loads += _pack_access([f"{x}_v = load_pack<VEC>({x}_ptr + i);" for x in loaded],
                               [f"{x}_v.v[k] = {x}_ptr[i + k * spacing];" for x in loaded])
-    stored = [c_name(s) for s in written]
+    per_block = [c_name(s.name) for s in slots if s.per_block and s.name in reads]
+    if per_block:
+        loads.append(f"// Per-block slots: each element reads its block's value (index >> "
+                     f"{QUANT_SHIFT}).")
+        loads += _each_element([f"{x}_v.v[k] = {x}_ptr[(i + k * spacing) >> {QUANT_SHIFT}];"
+                                for x in per_block])
+    stored = [c_name(s.name) for s in elements if s.name in written]
     stores = _pack_access([f"store_pack({x}_ptr + i, {x}_v);" for x in stored],
                           [f"{x}_ptr[i + k * spacing] = {x}_v.v[k];" for x in stored])
-    aligned = " && ".join(f"pack_aligned<VEC>({c_name(s.name)}_ptr)" for s in slots) or "true"
+    aligned = " && ".join(f"pack_aligned<VEC>({c_name(s.name)}_ptr)" for s in elements) or "true"
     return {
         "rule_name": rule.name,
         "block": str(info.block),
@@ -609,6 +703,31 @@ def _kernel_parts(
     }
 
 
+def _element_signature(
+    reads: Sequence[Slot],
+    written: Sequence[Slot],
+    indexed: bool,
+    values: Sequence[tuple[str, str]] = (),
+) -> tuple[list[str], list[str]]:
+    """The parameters of an element lambda and its arguments for element k of the packs: the
+    element's index when a random stream reads it, the values of the slots `reads`, other
+    `values` (parameter, argument), references to the pack entries of the slots `written`."""
+    params, args = [], []
+    if indexed:  # a random stream: the element's index
+        params.append("const long long index")
+        args.append("i + k * spacing")
+    for s in reads:
+        params.append(f"const {CTYPES[s.dtype]} {c_name(s.name)}")
+        args.append(f"{c_name(s.name)}_v.v[k]")
+    for param, arg in values:
+        params.append(param)
+        args.append(arg)
+    for s in written:
+        params.append(f"{CTYPES[s.dtype]}& {c_name(s.name)}_out")
+        args.append(f"{c_name(s.name)}_v.v[k]")
+    return params, args
+
+
 def _live_lr(info: KernelInfo, needed: set[Expr]) -> list[str]:
     """In a capturable kernel that uses the scalar lr: its definition from lr_arg and
     lr_source, computed in float64 and rounded once to lr's dtype."""
@@ -624,15 +743,8 @@ def _uniform_values(info: KernelInfo, low: _Lowering, needed: set[Expr]) -> str:
     return _indent(_live_lr(info, needed) + low.uniform, 1) or "    // (none)"
 
 
-def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
-    roots = [e for _, e in rule.outputs]
-    needed = _reachable(roots, through_sums=False)
-    written = [name for name, _ in rule.outputs]
-    low = _Lowering(rule, needed)
-    parts = _kernel_parts(rule, info, needed, written, "update")
-    body = list(low.elementwise)
-    body += [f"{c_name(slot)}_out = {low.names[e]};  // {slot} <- %{low.index[e]}"
-             for slot, e in rule.outputs]
+def _update_sums(rule: UpdateRule, info: KernelInfo, low: _Lowering) -> tuple[list[str], str]:
+    """The update kernel's loads of the tensor's sums, and its comment line on chunk_partials."""
     sums = []
     if rule.reductions:
         sums = [
@@ -647,6 +759,19 @@ def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> 
                f"tensor's sums, by {info.tensor_sums}\n")
     else:
         doc = "//   chunk_partials                    unused (this rule has no reductions)\n"
+    return sums, doc
+
+
+def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
+    roots = [e for _, e in rule.outputs]
+    needed = _reachable(roots, through_sums=False)
+    written = [name for name, _ in rule.outputs]
+    low = _Lowering(rule, needed)
+    parts = _kernel_parts(rule, info, needed, written, "update")
+    body = list(low.elementwise)
+    body += [f"{c_name(slot)}_out = {low.names[e]};  // {slot} <- %{low.index[e]}"
+             for slot, e in rule.outputs]
+    sums, doc = _update_sums(rule, info, low)
     return string.Template(templates.update).substitute(
         parts,
         kernel_name=info.update,
@@ -657,6 +782,161 @@ def _render_update(rule: UpdateRule, info: KernelInfo, templates: Templates) -> 
         tensor_sums=_indent(sums, 1),
         uniform_values=_uniform_values(info, low, needed),
         element_body=_indent(body, 2),
+    )
+
+
+def _reach(roots: Sequence[Expr], stop: set[Expr]) -> set[Expr]:
+    """The elementwise nodes computing `roots` reads, not looking past the nodes of `stop`
+    (left out) nor into uniform ones (computed before the element loop)."""
+    seen: set[Expr] = set()
+    todo = list(roots)
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stop or not node.elementwise:
+            continue
+        seen.add(node)
+        todo.extend(node.src)
+    return seen
+
+
+def _lambda(name: str, params: Sequence[str], body: Sequence[str]) -> list[str]:
+    return [f"auto {name} = [&]({', '.join(params)}) {{", *(f"    {line}" for line in body), "};"]
+
+
+def _render_update_blocks(rule: UpdateRule, info: KernelInfo, templates: Templates) -> str:
+    """The update kernel of a blocked rule (`update_blocks.cu`). Each iteration of a thread:
+
+    1. `early`, per element: every node that needs no block reduction; the outputs among them
+       are stored in their packs, the values the rest needs are kept in registers, and each
+       block reduction's operand folds into the thread's running maximum;
+    2. the reductions over the group of threads holding the block (`group_max`), then the
+       values that depend on the block alone (a scale's reciprocal), once per thread;
+    3. `late`, per element: the nodes that need the reductions (the codes);
+    4. the block's first thread stores the per-block outputs, at index i >> QUANT_SHIFT.
+    """
+    roots = [e for _, e in rule.outputs]
+    needed = _reachable(roots, through_sums=False)
+    written = [name for name, _ in rule.outputs]
+    low = _Lowering(rule, needed)
+    parts = _kernel_parts(rule, info, needed, written, "early")
+    blocks = low.blocks
+    waits = set(blocks)  # what needs a block reduction, the reductions included
+    per_element = set()  # what differs between the elements of a block
+    for n in rule.nodes:
+        if n in blocks:
+            continue
+        if n.elementwise and any(s in waits for s in n.src):
+            waits.add(n)
+        if n.op is Op.TENSOR or OPS[n.op].indexed or any(s in per_element for s in n.src):
+            per_element.add(n)
+    given = set(blocks) | {n for n in waits if n not in per_element}  # known in the loop body
+    per_block = {s.name for s in rule.slots if s.per_block}
+    early_out = [(s, e) for s, e in rule.outputs if s not in per_block and e not in waits]
+    late_out = [(s, e) for s, e in rule.outputs if s not in per_block and e in waits]
+    early = _reach([e for _, e in early_out] + [r.src[0] for r in blocks], set())
+    late = _reach([e for _, e in late_out], given | early)
+    late_inputs = {s for n in late for s in n.src} | {e for _, e in late_out}
+    kept = [n for n in rule.nodes if n in early and n.op is not Op.TENSOR
+            and (n in late_inputs or any(r.src[0] is n for r in blocks))]
+
+    def pack_value(node: Expr) -> str:
+        """Element k's value of a node of the early part, in the loop body."""
+        return f"{low.names[node]}_kept[k]" if node in kept else f"{low.names[node]}_v.v[k]"
+
+    def outputs(pairs) -> list[str]:
+        return [f"{c_name(slot)}_out = {low.names[e]};  // {slot} <- %{low.index[e]}"
+                for slot, e in pairs]
+
+    def reads(nodes) -> list[Slot]:
+        return [s for s in rule.slots if any(n.op is Op.TENSOR and n.arg == s.name for n in nodes)]
+
+    def indexed(nodes) -> bool:
+        return any(OPS[n.op].indexed for n in nodes)
+
+    lambdas, loop = [], []
+    early_call, late_call = [], []
+    if early_out or kept:
+        params, args = _element_signature(reads(early), [rule.slot(s) for s, _ in early_out],
+                                          indexed(early))
+        params += [f"{CTYPES[n.dtype]}& {low.names[n]}_kept" for n in kept]
+        args += [f"{low.names[n]}_kept[k]" for n in kept]
+        body = [low.statements[n] for n in rule.nodes if n in early and n in low.statements]
+        body += outputs(early_out)
+        body += [f"{low.names[n]}_kept = {low.names[n]};" for n in kept]
+        lambdas += ["// Before the block's reductions, per element: the outputs that do not need "
+                    "them, and", "// the values that the reductions and the late part read.",
+                    *_lambda("early", params, body)]
+        early_call.append(f"early({', '.join(args)});")
+    if late_out:
+        values = [n for n in rule.nodes if n in late_inputs and n in early | given
+                  and n.op is not Op.TENSOR]
+        params, args = _element_signature(
+            reads(late | early & late_inputs), [rule.slot(s) for s, _ in late_out], indexed(late),
+            [(f"const {CTYPES[n.dtype]} {low.names[n]}",
+              f"{low.names[n]}_kept[k]" if n in kept else low.names[n]) for n in values])
+        body = [low.statements[n] for n in rule.nodes if n in late and n in low.statements]
+        body += outputs(late_out)
+        lambdas += ([""] if lambdas else []) + [
+            "// After them, per element: the outputs that need the block's reductions.",
+            *_lambda("late", params, body)]
+        late_call.append(f"late({', '.join(args)});")
+    if kept:
+        loop.append("// The values the late part and the block's reductions read, in registers.")
+        loop += [f"{CTYPES[n.dtype]} {low.names[n]}_kept[VEC];" for n in kept]
+    if blocks:
+        loop.append("// This thread's largest magnitudes (bits), of "
+                    + ", ".join(low.describe(r) for r in blocks) + ".")
+        loop.append(f"unsigned absmax_bits[{len(blocks)}] = {{}};")
+        early_call += [f"absmax_bits[{k}] = fold_absmax(absmax_bits[{k}], {pack_value(r.src[0])});"
+                       for k, r in enumerate(blocks)]
+    if early_call:
+        loop += _each_element(early_call)
+    if blocks:
+        loop += ["// Over each block's GROUP threads (then a barrier over the group).",
+                 "group_max<GROUP, BLOCK>(absmax_bits, scratch);"]
+        loop += [f"const float {low.names[r]} = __uint_as_float(absmax_bits[{k}]);  "
+                 f"// {low.describe(r)}" for k, r in enumerate(blocks)]
+    elif any(rule.slot(s).per_block for s in written):
+        loop += ["// What the group read of its per-block values before their stores.",
+                 "group_barrier<GROUP>();"]
+    block_values = [low.statements[n] for n in rule.nodes if n in given and n not in blocks]
+    if block_values:
+        loop += ["// Values of the block alone, once per thread.", *block_values]
+    if late_call:
+        loop += _each_element(late_call)
+    stores = []
+    for slot, e in rule.outputs:
+        if slot not in per_block:
+            continue
+        if e.elementwise and e not in given:  # from per-block loads: the thread's first element
+            nodes = _reach([e], given)
+            stores += [f"const {CTYPES[n.dtype]} {low.names[n]} = {low.names[n]}_v.v[0];"
+                       for n in rule.nodes if n in nodes and n.op is Op.TENSOR]
+            stores += [low.statements[n] for n in rule.nodes if n in nodes and n in low.statements]
+        stores.append(f"{c_name(slot)}_ptr[i >> {QUANT_SHIFT}] = {low.names[e]};  "
+                      f"// {slot} <- %{low.index[e]}, once per block")
+    if stores:
+        loop += ["// The block's first thread stores its per-block values.",
+                 "if (threadIdx.x % GROUP == 0 && i < end) {", *(f"    {x}" for x in stores), "}"]
+    scratch = ""
+    if blocks:
+        scratch = _optional(["// group_max's, for groups of several warps",
+                             f"__shared__ unsigned scratch[{len(blocks)} * (BLOCK / 32)];"], 1)
+    sums, doc = _update_sums(rule, info, low)
+    return string.Template(templates.update_blocks).substitute(
+        parts,
+        kernel_name=info.update,
+        group=info.group,
+        n_slots=len(info.slots),
+        slot_list=", ".join(info.slots),
+        per_block_list=", ".join(s.name for s in rule.slots if s.per_block) or "none",
+        n_per_tensor_stride=info.n_per_tensor,
+        partials_doc=doc,
+        tensor_sums=_indent(sums, 1),
+        uniform_values=_uniform_values(info, low, needed),
+        stage_lambdas=_indent(lambdas, 1),
+        scratch=scratch,
+        block_loop=_indent(loop, 2),
     )
 
 
@@ -838,12 +1118,17 @@ def render(
     if DType.BF16 in used:
         head.append("#include <cuda_bf16.h>")
     parts = ["\n".join(head), templates.prelude]
-    if any(OPS[n.op].indexed for n in rule.nodes):
+    if blocked(rule) or any(n.op in CODED for n in rule.nodes):
+        parts.append(templates.quantized)
+    if any(n.op is Op.ROUND_SR for n in rule.nodes):
         parts.append(_ROUND_SR_HELPER)
+    if any(n.op is Op.ENCODE_SR for n in rule.nodes):
+        parts.append(_HASH_BITS_HELPER)
     if info.prepare:
         parts.append(_render_prepare(rule, info, capturable, templates))
     if rule.reductions:
         parts.append(_render_partial_sums(rule, info, templates))
         parts.append(_render_tensor_sums(rule, info, templates))
-    parts.append(_render_update(rule, info, templates))
+    parts.append((_render_update_blocks if blocked(rule) else _render_update)(
+        rule, info, templates))
     return "\n".join(parts)

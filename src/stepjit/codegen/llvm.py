@@ -259,7 +259,8 @@ LLVM_OPS: dict[Op, Callable[[_Ctx, Expr, list[ir.Value]], ir.Value]] = {
     Op.SCALAR: _external,  # loaded from the scalars array at kernel entry
     Op.PER_TENSOR: _external,  # loaded from the per-tensor table for each chunk
     Op.SUM: _external,  # added up from the partials for each chunk
-    Op.BLOCK_ABSMAX: _external,  # the block loop's running maximum (`_block_loop`)
+    # the block loop's running maximum (`_block_function`); of a uniform value, its magnitude
+    Op.BLOCK_ABSMAX: _arith(_intrinsic("llvm.fabs")),
     Op.ENCODE: _encode,
     Op.ENCODE_SR: _encode,
     Op.DECODE: _decode,
@@ -414,9 +415,11 @@ def _element_function(module, rule, name, roots, f16_native, reduce) -> ir.Funct
 
 
 def blocked(rule: UpdateRule) -> bool:
-    """Whether the update runs block by block (`_block_function`): the rule reduces over
-    blocks, or writes a per-block slot, which its elements read as it was before the step."""
-    return bool(rule.block_reductions) or any(s.per_block and s.written for s in rule.slots)
+    """Whether the update runs block by block (`_block_function`): the rule reduces elements
+    over blocks, or writes a per-block slot, which its elements read as it was before the
+    step."""
+    return (any(r.elementwise for r in rule.block_reductions)
+            or any(s.per_block and s.written for s in rule.slots))
 
 
 def _per_block(rule: UpdateRule) -> frozenset:
@@ -436,7 +439,7 @@ def _block_function(module, rule, name, f16_native) -> ir.Function:
     The maximum of magnitudes is an unsigned maximum of their bits (sign cleared), which a
     NaN wins: both loops vectorize. Chunks begin at multiples of QUANT_BLOCK in their tensor.
     """
-    blocks = rule.block_reductions
+    blocks = [r for r in rule.block_reductions if r.elementwise]  # else: uniform, its magnitude
     late = set(blocks)  # nodes that need a block reduction
     for n in rule.nodes:
         if n.elementwise and any(s in late for s in n.src):
@@ -445,13 +448,10 @@ def _block_function(module, rule, name, f16_native) -> ir.Function:
     per_block = _per_block(rule)
     late_or_block = late | set(blocks)
     outputs = [(slot, e) for slot, e in rule.outputs if slot not in per_block]
-    early_roots = [e for _, e in outputs if e not in late_or_block] + [r.src[0] for r in blocks]
-    late_roots = [e for _, e in outputs if e in late_or_block]
-    early, inputs = _reachable_elementwise(early_roots)
-    early -= late | set(blocks)
     block_outputs = [(slot, e) for slot, e in rule.outputs if slot in per_block]
-    _, late_inputs = _reachable_elementwise(late_roots + [e for _, e in block_outputs])
-    uniform = [n for n in rule.nodes if n in (inputs | late_inputs) and n not in blocks]
+    needed, inputs = _reachable_elementwise([e for _, e in rule.outputs])
+    early = needed - late_or_block
+    uniform = [n for n in rule.nodes if n in inputs and n not in blocks]
     kept = [n for n in rule.nodes if n in early and any(n in s.src for s in late)]
 
     slots = list(rule.slots)

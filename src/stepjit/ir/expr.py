@@ -27,7 +27,8 @@ class Expr:
 
     `arg` holds the leaf's name (TENSOR, SCALAR, PER_TENSOR), the literal (CONST) or nothing.
     `elementwise` is True when the value differs per element (it reads a tensor outside a SUM);
-    otherwise the value is uniform over a tensor and a kernel computes it once per tensor.
+    otherwise the value is uniform over a tensor and a kernel computes it once per tensor (a
+    block reduction of a uniform value is its magnitude).
     """
 
     __slots__ = ("op", "dtype", "src", "arg", "elementwise", "__weakref__")
@@ -161,8 +162,12 @@ def _check(op: Op, dtype: DType, src: tuple[Expr, ...], arg) -> None:
     """Raise unless `op(src)` of `dtype` is a node its record allows."""
     info = OPS[op]
     _check_arity(op, len(src))
-    if info.arg is str and not (isinstance(arg, str) and arg.isidentifier()):
+    if info.kind is Kind.LEAF and info.arg is str and not (
+            isinstance(arg, str) and arg.isidentifier()):
         raise ValueError(f"{op.value}: a leaf needs an identifier name, got {arg!r}")
+    if op is Op.CAST and dtype not in info.accepts:
+        raise TypeError(f"cast to {dtype}: codes of 8-bit state are no numbers (DECODE reads "
+                        "them, ENCODE writes them)")
     if info.produces is not None:
         if arg not in CODE_MAPS:
             raise ValueError(f"{op.value}: unknown code map {arg!r}: choose "

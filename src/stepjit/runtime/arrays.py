@@ -39,8 +39,11 @@ class _Numpy:
             return self.dtypes[x.dtype]
         except KeyError:
             d = DType.from_numpy(x.dtype)
-            d = self.dtypes[x.dtype] = None if d is None or d is DType.BOOL else d
+            d = self.dtypes[x.dtype] = None if d is None or not d.is_float else d
             return d
+
+    def storage_dtype(self, x) -> DType | None:
+        return DType.from_numpy(x.dtype)
 
     def numel(self, x) -> int:
         return x.size
@@ -135,6 +138,10 @@ class _Torch:
 
     def dtype(self, x) -> DType | None:
         return self.dtypes.get(x.dtype)
+
+    def storage_dtype(self, x) -> DType | None:
+        return self.dtypes.get(x.dtype) or {self.torch_dtypes[DType.U8]: DType.U8,
+                                            self.torch_dtypes[DType.I8]: DType.I8}.get(x.dtype)
 
     def numel(self, x) -> int:
         return x.numel()
@@ -313,6 +320,12 @@ def device(x) -> str:
 def dtype(x) -> DType | None:
     """The IR dtype of an array, or None for dtypes the library does not update (int, complex)."""
     return _of(x).dtype(x)
+
+
+def storage_dtype(x) -> DType | None:
+    """The IR type of x's elements, including the integer types of 8-bit state's codes (which
+    `dtype` leaves out: they are never parameters or gradients)."""
+    return _of(x).storage_dtype(x)
 
 
 def numel(x) -> int:

@@ -499,19 +499,35 @@ def _torch_stream(device) -> tuple[object, object]:
     return stream, current
 
 
+def _numel(rule: UpdateRule, tensor: tuple) -> int:
+    """A bound tensor's number of elements: the size of its first slot that holds one value per
+    element (a per-block slot holds one per block)."""
+    return arrays.numel(tensor[rule.slots.index(rule.numel_slot)]) if tensor else 0
+
+
 def _check_tensors(kernel: CUDAKernel, tensors: list[tuple]) -> None:
-    slots = kernel.rule.slots
+    """Every array on the kernel's device, of its slot's dtype, dense and aligned, and spanning
+    exactly the bytes the kernel touches: `Slot.length(numel)` values of the slot's dtype."""
+    rule = kernel.rule
+    slots = rule.slots
     for i, t in enumerate(tensors):
         if len(t) != len(slots):
             raise ValueError(f"tensor {i}: {len(t)} arrays given, the rule has {len(slots)} slots")
-        size = None
+        numel = _numel(rule, t)
         for slot, a in zip(slots, t, strict=True):
-            _check_array(kernel, f"tensor {i}, slot {slot.name}", slot, a)
-            n = arrays.numel(a)
-            if size is not None and n != size:
-                raise ValueError(f"tensor {i}, slot {slot.name}: {n} elements, slot "
-                                 f"{slots[0].name} has {size}")
-            size = n
+            where = f"tensor {i}, slot {slot.name}"
+            _check_array(kernel, where, slot, a)
+            nbytes = arrays.numel(a) * arrays.itemsize(a)
+            want = slot.length(numel) * slot.dtype.itemsize
+            if nbytes != want:
+                raise ValueError(f"{where}: {nbytes} bytes where the kernel expects {want} "
+                                 f"({slot.length(numel)} values for {numel} elements of slot "
+                                 f"{rule.numel_slot.name})")
+
+
+_ARRAY_DTYPES = {DType.U8: (DType.U8, DType.I8)}
+"""The array dtypes a slot takes besides its own: 8-bit codes are bytes to a kernel, and the
+codes of a signed map live in int8 arrays."""
 
 
 def _check_array(kernel: CUDAKernel, where: str, slot, a) -> None:
@@ -521,7 +537,7 @@ def _check_array(kernel: CUDAKernel, where: str, slot, a) -> None:
                          f"tensor, got {arrays.type_name(a)} on {device}")
     if device != f"cuda:{kernel.device}":
         raise ValueError(f"{where}: array is on {device}, the kernel on cuda:{kernel.device}")
-    if arrays.dtype(a) is not slot.dtype:
+    if arrays.storage_dtype(a) not in _ARRAY_DTYPES.get(slot.dtype, (slot.dtype,)):
         raise ValueError(f"{where}: dtype {a.dtype}, the rule expects {slot.dtype}")
     if not (arrays.is_dense(a) and arrays.is_aligned(a)):
         raise ValueError(f"{where}: array must be dense and aligned")
@@ -561,7 +577,7 @@ class CUDALaunch(Launch):
             self._inputs: tuple = ()
         tables = build_tables(
             [[arrays.data_ptr(a) for a in t] for t in tensors],
-            [arrays.numel(t[0]) if t else 0 for t in tensors],
+            [_numel(kernel.rule, t) for t in tensors],
             info.chunk,
         )
         self._ptrs, self._numel = tables.ptrs, tables.numel
