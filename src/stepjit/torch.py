@@ -8,9 +8,12 @@
 keep torch's state keys, so scripts, schedulers, `torch.amp.GradScaler`, hooks and checkpoints
 (both ways) work unchanged; `LARS` and any user optimizer (`optimizer_for(Lion)`) get the same
 face. Every class also takes Dragon's `scale` and `clip_norm`, and:
-    process_group: a `torch.distributed` process group; gradients are averaged over it before
-        every update, in buckets, as Dragon's optimizer did (`None`: no communication).
-    bucket_cap_mb: the largest all-reduce, in MiB of gradients (see `average_gradients`).
+    process_group: a `torch.distributed` process group; gradients are averaged over it, in
+        buckets that start as backward produces them (`None`: no communication).
+    bucket_cap_mb: the largest bucket, in MiB of gradients (see `stepjit.distributed`).
+    shard_state: with a process group, keep 1/world of the optimizer state per rank: gradients
+        reduce-scattered, each rank steps its shard, parameters all-gathered (ZeRO stage 2;
+        `consolidate_state_dict` before `state_dict`; docs/distributed.md).
     backend: "llvm", "cuda" or "reference"; default: where the tensors live.
 
 Parameters are updated in place through their data pointers (CPU tensors with the LLVM backend,
@@ -28,14 +31,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from . import distributed as _distributed
 from . import optim as _optim
 from .ir import scales_of
 from .optim.compact import check_pair
@@ -53,7 +55,8 @@ _TORCH_FLAGS = {"foreach": None, "fused": None, "maximize": False, "capturable":
 _DRAGON_NEUTRAL = {"scale": 1, "clip_norm": 0, "lr_mult": 1, "decay_mult": 1}
 """stepjit's hyperparameters that torch's optimizers lack, at the values that change nothing."""
 
-_FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "backend": None,
+_FACE_ARGUMENTS = {"process_group": None, "bucket_cap_mb": 25.0, "shard_state": False,
+                   "backend": None,
                    "state_dtype": None, "master_weights": False, "stochastic_rounding": False,
                    "rounding_seed": 0}
 
@@ -98,9 +101,33 @@ class Optimizer(torch.optim.Optimizer):
         self._storage_options = _optim.optimizer.Storage(
             face["state_dtype"], face["master_weights"], face["stochastic_rounding"],
             face["rounding_seed"])
-        self._flat_grads: list[torch.Tensor] = []  # the all-reduce buffer of each bucket
         self._engine = self._new_engine()
         self._not_dense = self._find_not_dense()
+        self._comm = self._shards = self._consolidated = None
+        if not isinstance(face["shard_state"], bool):
+            raise TypeError(f"shard_state must be a bool, got {face['shard_state']!r}")
+        if face["shard_state"] and self.process_group is None:
+            raise ValueError(f"{type(self).__name__}: shard_state=True shards the state across "
+                             "the ranks of a process group: pass process_group=")
+        if self.process_group is not None:
+            self._distribute(face["shard_state"])
+
+    def _distribute(self, shard: bool) -> None:
+        """Check that every rank holds the same parameters, then hook the gradient buckets (and
+        shard the state): see `stepjit.distributed`."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        _distributed.check_same_parameters(params, self.process_group, type(self).__name__)
+        if self._comm is not None:
+            self._comm.remove_hooks()
+        self._comm = _distributed.Communicator([p for p in params if p.requires_grad],
+                                               self.process_group, self.bucket_cap_bytes, shard)
+        if shard:
+            if self._not_dense:
+                raise ValueError(f"{type(self).__name__}: shard_state=True needs dense "
+                                 f"parameters ({self._not_dense})")
+            self._shards = _distributed.Shards(
+                self._comm, _with_numbers(self.param_groups), self.engine,
+                backend=self._requested_backend, storage=self._storage_options)
 
     def _find_not_dense(self) -> str | None:
         """Which parameter, if any, has gaps or overlaps in memory (a view such as x[..., 0]):
@@ -128,6 +155,9 @@ class Optimizer(torch.optim.Optimizer):
                                 storage=self.__dict__.get("_storage_options"))
 
     def add_param_group(self, param_group: dict) -> None:
+        if self.__dict__.get("_shards") is not None:
+            raise ValueError(f"{type(self).__name__}: a sharded optimizer partitions its "
+                             "parameters once: give every group when it is made")
         super().add_param_group(param_group)  # torch's checks and defaults
         engine = self.__dict__.get("_engine")
         if engine is not None:  # a group added later: checked before it is kept
@@ -137,6 +167,8 @@ class Optimizer(torch.optim.Optimizer):
             except (TypeError, ValueError):
                 self.param_groups.pop()
                 raise
+            if self.__dict__.get("_comm") is not None:  # new buckets, on every rank
+                self._distribute(False)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "process_group": self.process_group,
@@ -155,7 +187,7 @@ class Optimizer(torch.optim.Optimizer):
             self.__dict__.setdefault("bucket_cap_bytes", int(_FACE_ARGUMENTS["bucket_cap_mb"]
                                                              * 2**20))
             self.__dict__.setdefault("_requested_backend", None)
-            self._flat_grads = []
+            self._comm = self._shards = self._consolidated = None  # hooked at the first step
             self._engine = self._new_engine()
             self._not_dense = self._find_not_dense()
 
@@ -171,6 +203,13 @@ class Optimizer(torch.optim.Optimizer):
         scales do not match are refused before anything changes."""
         _check_compact(state_dict, [p for g in self.param_groups for p in g["params"]])
         super().load_state_dict(state_dict)
+        self._restore_dtypes(state_dict)
+        if self.__dict__.get("_shards") is not None:  # each rank keeps its pieces
+            self._shards.load(self.state)
+            self.state.clear()
+
+    def _restore_dtypes(self, state_dict: dict) -> None:
+        """Each state tensor torch cast to its parameter's dtype, as it was saved."""
         saved = state_dict["state"]
         ids = (i for g in state_dict["param_groups"] for i in g["params"])
         params = (p for g in self.param_groups for p in g["params"])
@@ -228,13 +267,16 @@ class Optimizer(torch.optim.Optimizer):
         return step(twin, closure)
 
     def _step(self) -> None:
+        if self.process_group is not None:
+            self.average_gradients()  # on every rank, whether or not it steps
         found_inf = self.__dict__.get("found_inf")  # set by torch.amp.GradScaler, if any
         if found_inf is not None and float(found_inf) != 0:
             return
         grad_scale = self.__dict__.get("grad_scale")
-        if self.process_group is not None:
-            self.average_gradients()
         groups = self._numeric_groups()
+        if self._shards is not None:
+            self._shards.step(groups, 1.0 if grad_scale is None else float(grad_scale))
+            return
         self._engine.share(groups, self.state)
         sources = ()
         if groups is not self.param_groups and self._live_lr():
@@ -264,51 +306,49 @@ class Optimizer(torch.optim.Optimizer):
         self._engine.share(self._numeric_groups(), self.state)
         self._engine.accumulate_grad()
 
-    @torch.no_grad()
     def average_gradients(self) -> None:
-        """All-reduce (mean) every gradient over `process_group`, a bucket at a time.
+        """Reduce (mean) every gradient over `process_group`: wait for the buckets that backward
+        started, and run the others (`stepjit.distributed.Communicator.finish`). Unsharded,
+        each `.grad` then holds the mean and keeps its identity, dtype and layout; sharded,
+        each rank holds the mean of its shard. `step()` calls this; every rank must."""
+        if self._comm is None:
+            self._distribute(self._shards is not None)
+        self._comm.finish()
 
-        Every rank must hold gradients for the same parameters, as with DistributedDataParallel.
-        Consecutive gradients of one dtype and device are copied into a flat buffer of at most
-        `bucket_cap_mb` (a bigger gradient gets one of its own) that this optimizer keeps from
-        step to step; all buckets are reduced at once (asynchronously, every handle waited on)
-        and the means are copied back, so every `.grad` keeps its identity, dtype and layout.
+    # -- sharded state: checkpoints ----------------------------------------------------------
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the sharded state onto rank `to` of the process group (every rank must call
+        this), whose `state_dict()` then returns the ordinary, unsharded state dict, loadable
+        by an unsharded stepjit optimizer or torch's. As torch's ZeroRedundancyOptimizer."""
+        if self._shards is None:
+            raise ValueError(f"{type(self).__name__}: consolidate_state_dict is for "
+                             "shard_state=True; state_dict() alone has the whole state")
+        full = self._shards.consolidate(to)
+        self._consolidated = None
+        if full is not None:
+            saved, self.state = self.state, full
+            try:
+                self._consolidated = torch.optim.Optimizer.state_dict(self)
+            finally:
+                self.state = saved
 
-        The backend is never handed a temporary nor a `.grad`, and on return it holds none of the
-        buffers: a communication thread that lets go of a tensor Python can see takes the GIL
-        (torch 2.13 decrefs the Python object as the last C++ reference goes, whoever else holds
-        it; older torch when it frees the tensor), and once the interpreter has begun to exit,
-        that aborts the process ("terminate called without an active exception", torch/gloo).
-        """
-        group = self.process_group
-        world = dist.get_world_size(group)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        buckets = _buckets(grads, self.bucket_cap_bytes)
-        flats = [self._flat_buffer(k, bucket) for k, bucket in enumerate(buckets)]
-        for flat, bucket in zip(flats, buckets):
-            torch.cat([g.reshape(-1) for g in bucket], out=flat)
-        works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-                 for flat in flats]
-        while works:  # drop each handle once waited on: a live handle holds its tensor
-            works.pop().wait()
-        for flat, bucket in zip(flats, buckets):
-            flat.div_(world)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-        self._flat_grads = flats
-        _wait_until_released(flats)
+    def state_dict(self) -> dict:
+        """torch's state dict; for sharded state, the one `consolidate_state_dict` gathered
+        onto this rank."""
+        if self.__dict__.get("_shards") is None:
+            return super().state_dict()
+        if self._consolidated is None:
+            raise RuntimeError(f"{type(self).__name__}: this rank holds a shard of the state: "
+                               "call consolidate_state_dict(to=rank) on every rank, then "
+                               "state_dict() on that rank")
+        return self._consolidated
 
-    def _flat_buffer(self, k: int, bucket: list) -> torch.Tensor:
-        """The all-reduce buffer of bucket `k`: last step's when it still fits, else a new one."""
-        numel = sum(g.numel() for g in bucket)
-        if k < len(self._flat_grads):
-            flat = self._flat_grads[k]
-            if (flat.numel() == numel and flat.dtype == bucket[0].dtype
-                    and flat.device == bucket[0].device):
-                return flat
-        return torch.empty(numel, dtype=bucket[0].dtype, device=bucket[0].device)
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (step counts aside)."""
+        if self._shards is not None:
+            return self._shards.state_bytes()
+        return sum(v.numel() * v.element_size() for st in self.state.values()
+                   for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor))
 
 
 def optimizer_for(engine: type[_optim.Optimizer], torch_class: type | None = None) -> type:
@@ -447,38 +487,3 @@ AdamW = optimizer_for(_optim.AdamW, torch.optim.AdamW)
 RMSprop = optimizer_for(_optim.RMSprop, torch.optim.RMSprop)
 Adagrad = optimizer_for(_optim.Adagrad, torch.optim.Adagrad)
 LARS = optimizer_for(_optim.LARS)
-
-
-def _wait_until_released(tensors: list, timeout: float = 5.0) -> None:
-    """Sleep (GIL released) until nothing but their Python objects holds these CPU tensors.
-
-    gloo's thread lets go of a completed all-reduce, and so of its tensors, a little after the
-    handle completes. CUDA tensors are not waited for: NCCL's watchdog thread lets go of its
-    work only every so often. Without `Tensor._use_count` (torch < 2.3) this returns at once.
-    """
-    held = [t for t in tensors if t.device.type == "cpu" and hasattr(t, "_use_count")]
-    delay, deadline = 1e-5, time.monotonic() + timeout
-    while any(t._use_count() > 1 for t in held):
-        if time.monotonic() > deadline:
-            warnings.warn(f"the process group still holds gradient buffers {timeout} s after "
-                          "their all-reduce completed", RuntimeWarning, stacklevel=3)
-            return
-        time.sleep(delay)
-        delay = min(2 * delay, 1e-3)
-
-
-def _buckets(grads: list, cap: int) -> list[list]:
-    """Consecutive gradients of one dtype and device, at most `cap` bytes a bucket."""
-    buckets: list[list] = []
-    size = 0
-    for g in grads:
-        nbytes = g.numel() * g.element_size()
-        last = buckets[-1] if buckets else None
-        if (last is None or last[0].dtype != g.dtype or last[0].device != g.device
-                or size + nbytes > cap):
-            buckets.append([g])
-            size = nbytes
-        else:
-            last.append(g)
-            size += nbytes
-    return buckets
