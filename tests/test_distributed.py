@@ -33,7 +33,7 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
 
     def scenario(kind, shard=False, group=True, steps=4, first=0, wide=False, load=None,
-                 save=None):
+                 save=None, again=False):
         torch.manual_seed(0)
         width = 1500 if wide else 45  # 48K parameters, or 1442
         model = torch.nn.Sequential(torch.nn.Linear(7, width), torch.nn.Tanh(),
@@ -49,6 +49,19 @@ WORKER = textwrap.dedent("""
         else:
             opt = st.AdamW(model.parameters(), lr=0.01, weight_decay=0.01,
                            state_dtype="int8" if kind == "adamw8" else None, **options)
+        left = None
+        if again:  # an optimizer over the same model, used once and dropped: its hooks go too
+            import gc, weakref
+            other = type(opt)(model.parameters(), **{k: v for k, v in opt.defaults.items()
+                                                    if k in ("lr", "weight_decay")}, **options)
+            model(torch.ones(2, 7)).sum().backward()  # its hooks start collectives
+            other.step()
+            dropped = weakref.ref(other._comm)
+            del other
+            gc.collect()
+            left = {"communicator": dropped() is not None,
+                    "hooks": sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+                                 for p in model.parameters())}
         if load:
             saved = torch.load(load)
             model.load_state_dict(saved["model"])
@@ -68,7 +81,7 @@ WORKER = textwrap.dedent("""
             if rank == 0:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, save)
         return {"params": [p.detach().flatten().tolist() for p in model.parameters()],
-                "state_bytes": opt.state_bytes()}
+                "state_bytes": opt.state_bytes(), "left": left}
 
     def refusals():
         said = {}
@@ -125,7 +138,8 @@ def runs(tmp_path_factory):
             "refusals": {}}
     two = {f"sharded-{k}": dict(kind=k, shard=True) for k in ("sgd", "clip", "adamw", "adamw8")}
     two |= {f"unsharded-{k}": dict(kind=k) for k in ("sgd", "clip", "adamw")}
-    two |= {"shares-adamw": dict(kind="adamw", shard=True, steps=1, wide=True)}
+    two |= {"shares-adamw": dict(kind="adamw", shard=True, steps=1, wide=True),
+            "again-adamw": dict(kind="adamw", shard=True, again=True)}
     two |= {f"save-{k}": dict(kind=k, shard=True, steps=3, save=path)
             for k, path in saved.items()}
     three = {f"sharded-{k}": dict(kind=k, shard=True) for k in ("clip", "adamw")}
@@ -202,6 +216,13 @@ def test_int8_state_saved_at_two_ranks_comes_back_bit_for_bit_at_three(runs):
         assert resaved[i].keys() == buffers.keys()
         for name, value in buffers.items():
             assert torch.equal(resaved[i][name], value), (i, name)
+
+
+def test_a_dropped_optimizer_leaves_no_hooks_behind(runs):
+    # an optimizer over the same model, stepped once and dropped: its communicator is freed and
+    # the parameters keep only the hooks of the optimizer made next (one each)
+    for rank in runs[2]["again-adamw"]:
+        assert rank["left"] == {"communicator": False, "hooks": 6}
 
 
 def test_a_group_of_one_process_works_sharded(runs):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -164,13 +165,18 @@ class Communicator:
         self.buckets = plan_buckets(self.params, cap_bytes, self.world, shard)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.next = 0  # the next bucket to start, in index order
-        self.handles = [p.register_post_accumulate_grad_hook(self._gradient_ready)
-                        for p in self.params]
+        me = weakref.ref(self)  # the parameters' hooks must not keep a dropped optimizer alive
+
+        def hook(p) -> None:
+            comm = me()
+            if comm is not None:
+                comm._gradient_ready(p)
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
+        weakref.finalize(self, _remove, self.handles)  # and they go with it
 
     def remove_hooks(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        _remove(self.handles)
 
     # -- during backward --------------------------------------------------------------------
     def _gradient_ready(self, p) -> None:
@@ -234,6 +240,11 @@ class Communicator:
             b.stale = False
         self.next = 0
         wait_until_released(buffers)
+
+
+def _remove(handles: list) -> None:
+    while handles:
+        handles.pop().remove()
 
 
 @dataclass
