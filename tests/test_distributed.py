@@ -33,12 +33,19 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
 
     def scenario(kind, shard=False, group=True, steps=4, first=0, wide=False, load=None,
-                 save=None, again=False):
+                 save=None, again=False, branch=False, accum=1, virtual=1, unfreeze=False,
+                 scaler=False, f64=False):
         torch.manual_seed(0)
         width = 1500 if wide else 45  # 48K parameters, or 1442
         model = torch.nn.Sequential(torch.nn.Linear(7, width), torch.nn.Tanh(),
                                     torch.nn.Linear(width, 23), torch.nn.Tanh(),
                                     torch.nn.Linear(23, 1))
+        if branch:  # a head only some ranks use, in some micro-batches (see `used`)
+            model.append(torch.nn.Linear(1, 1))
+        if f64:
+            model[4].double()
+        if unfreeze:  # frozen when the optimizer is made, trained from the second step
+            model[0].requires_grad_(False)
         options = dict(process_group=dist.group.WORLD if group else None, shard_state=shard,
                        bucket_cap_mb=(40000 if wide else 1200) / 2**20)
         if kind == "sgd":
@@ -66,15 +73,35 @@ WORKER = textwrap.dedent("""
             saved = torch.load(load)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
-        share = world if group else 1
+        parts = world if group else virtual  # one process may stand in for several ranks
+        mine = [rank] if group else range(virtual)
+        amp = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaler else None
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(12, 7, generator=g), torch.randn(12, 1, generator=g))
                    for _ in range(first + steps)]
-        for x, y in batches[first:]:
-            part = slice(rank * 12 // share, (rank + 1) * 12 // share)
+        for step, (x, y) in enumerate(batches[first:]):
+            if unfreeze and step == 1:
+                model[0].requires_grad_(True)
             opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
-            opt.step()
+            for m in range(accum):  # micro-batches: several backward passes, one step
+                loss = 0.0
+                for v in mine:
+                    xs, ys = x[v * 12 // parts : (v + 1) * 12 // parts], y[
+                        v * 12 // parts : (v + 1) * 12 // parts]
+                    half = slice(m * len(xs) // accum, (m + 1) * len(xs) // accum)
+                    h = model[:4](xs[half])
+                    out = model[4](h.to(model[4].weight.dtype))
+                    used = v == parts - 1 or (m == accum - 1 and v == 0)
+                    if branch and used:
+                        out = model[5](out)
+                    loss = loss + torch.nn.functional.mse_loss(
+                        out.float(), ys[half]) / accum / len(mine)
+                (amp.scale(loss) if amp else loss).backward()
+            if amp:
+                amp.step(opt)
+                amp.update()
+            else:
+                opt.step()
         if save:
             if shard:
                 opt.consolidate_state_dict(to=0)
@@ -88,6 +115,8 @@ WORKER = textwrap.dedent("""
         w = torch.nn.Parameter(torch.ones(300))
         group = dist.group.WORLD
         for what, attempt in [
+                ("accumulate_grad", lambda: st.SGD([w], lr=0.1, process_group=group
+                                                   ).accumulate_grad()),
                 ("lars", lambda: st.LARS([w], lr=0.1, process_group=group, shard_state=True)),
                 ("state_dict", lambda: st.AdamW([w], process_group=group,
                                                 shard_state=True).state_dict()),
@@ -135,9 +164,19 @@ def runs(tmp_path_factory):
             "full-adamw-wide": dict(kind="adamw", group=False, steps=1, wide=True),
             "full-adamw8-wide": dict(kind="adamw8", group=False, steps=1, wide=True),
             "alone-adamw": dict(kind="adamw", shard=True),  # a group of one process
-            "refusals": {}}
+            "refusals": {},
+            "whole-branch": dict(kind="adamw", group=False, branch=True, accum=2, virtual=2),
+            "whole-unfreeze": dict(kind="adamw", group=False, unfreeze=True),
+            "whole-scaler": dict(kind="clip", group=False, scaler=True)}
     two = {f"sharded-{k}": dict(kind=k, shard=True) for k in ("sgd", "clip", "adamw", "adamw8")}
     two |= {f"unsharded-{k}": dict(kind=k) for k in ("sgd", "clip", "adamw")}
+    two |= {f"{mode}-{case}": dict(kind=kind, shard=mode == "sharded", **more)
+            for mode in ("sharded", "unsharded")
+            for case, kind, more in [("branch", "adamw", dict(branch=True, accum=2)),
+                                     ("unfreeze", "adamw", dict(unfreeze=True)),
+                                     ("scaler", "clip", dict(scaler=True))]}
+    two |= {"f64-adamw": dict(kind="adamw", shard=True, steps=2, f64=True,
+                              save=str(work / "f64.pt"))}
     two |= {"shares-adamw": dict(kind="adamw", shard=True, steps=1, wide=True),
             "again-adamw": dict(kind="adamw", shard=True, again=True)}
     two |= {f"save-{k}": dict(kind=k, shard=True, steps=3, save=path)
@@ -152,7 +191,7 @@ def runs(tmp_path_factory):
     for world, scenarios in ((1, one), (2, two), (3, three)):
         ranks = _launch(world, work, scenarios)
         found[world] = {name: [r[name] for r in ranks] for name in scenarios}
-    found["files"] = {**saved, "again": str(work / "again.pt")}
+    found["files"] = {**saved, "again": str(work / "again.pt"), "f64": str(work / "f64.pt")}
     return found
 
 
@@ -225,6 +264,22 @@ def test_a_dropped_optimizer_leaves_no_hooks_behind(runs):
         assert rank["left"] == {"communicator": False, "hooks": 6}
 
 
+@pytest.mark.parametrize("case", ["branch", "unfreeze", "scaler"])
+def test_what_real_training_loops_do(runs, case):
+    """A head that one rank uses in both micro-batches and the other in the second only
+    (gradient accumulation, parameters used unevenly: the ranks must agree on what to reduce
+    and step), a layer unfrozen after the optimizer was made, GradScaler with clipping."""
+    whole = runs[1][f"whole-{case}"][0]
+    for mode in ("sharded", "unsharded"):
+        _same_everywhere_and_close(runs[2][f"{mode}-{case}"], whole)
+
+
+def test_consolidated_state_keeps_each_parameter_dtype(runs):
+    saved = torch.load(runs["files"]["f64"])["optimizer"]["state"]
+    assert saved[4]["exp_avg"].dtype == torch.float64  # the float64 layer's
+    assert saved[0]["exp_avg"].dtype == torch.float32
+
+
 def test_a_group_of_one_process_works_sharded(runs):
     _same_everywhere_and_close(runs[1]["alone-adamw"], runs[1]["whole-adamw"][0])
 
@@ -271,3 +326,4 @@ def test_a_sharded_optimizer_refuses_what_it_cannot_do(runs):
         said["lars"])
     assert "call consolidate_state_dict(to=rank) on every rank" in said["state_dict"]
     assert "partitions its parameters once" in said["add_param_group"]
+    assert "accumulate by running backward several times" in said["accumulate_grad"]

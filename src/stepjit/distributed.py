@@ -88,12 +88,23 @@ def check_same_parameters(params: list, group, what: str) -> None:
     found = torch.empty(world * 3, dtype=torch.int64)
     _all_gather(found, mine, group=group)
     rows = found.view(world, 3).tolist()
+    wait_until_released([found, mine])
     if any(r != rows[0] for r in rows):
         described = ", ".join(f"rank {r}: {n} parameters of {e} elements"
                               for r, (n, e, _) in enumerate(rows))
         raise ValueError(f"{what}: the ranks of the process group hold different parameters "
                          f"({described}; or shapes and dtypes differ): every rank must build the "
                          "same model and optimizer")
+
+
+def _view(buffer: torch.Tensor, p, offset: int) -> torch.Tensor:
+    """Parameter p's elements in a bucket buffer: in p's memory order for a dense p (a shard
+    cuts it as memory lies), else in C order."""
+    from .runtime import arrays
+
+    if arrays.is_dense(p):
+        return buffer.as_strided(p.shape, p.stride(), offset)
+    return buffer[offset : offset + p.numel()].view(p.shape)
 
 
 @dataclass
@@ -165,6 +176,10 @@ class Communicator:
         self.buckets = plan_buckets(self.params, cap_bytes, self.world, shard)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.next = 0  # the next bucket to start, in index order
+        # each parameter's presence and each bucket's staleness, agreed on at the step (a
+        # buffer of its own: gloo is never handed a temporary)
+        self.flags = torch.zeros(len(self.params) + len(self.buckets))
+        self.present: dict = {}
         me = weakref.ref(self)  # the parameters' hooks must not keep a dropped optimizer alive
 
         def hook(p) -> None:
@@ -172,7 +187,10 @@ class Communicator:
             if comm is not None:
                 comm._gradient_ready(p)
 
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
+        # (a parameter frozen now has no hook: its bucket starts at the step, should it be
+        # unfrozen later)
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in self.params
+                        if p.requires_grad]
         weakref.finalize(self, _remove, self.handles)  # and they go with it
 
     def remove_hooks(self) -> None:
@@ -198,7 +216,7 @@ class Communicator:
     def _start(self, b: Bucket) -> None:
         """Copy the bucket's gradients into its buffer and start its collective."""
         for p, offset in zip(b.params, b.offsets):
-            view = b.flat.as_strided(p.shape, p.stride(), offset)
+            view = _view(b.flat, p, offset)
             if p.grad is None:
                 view.zero_()
             else:
@@ -214,18 +232,35 @@ class Communicator:
     @torch.no_grad()
     def finish(self) -> None:
         """Every bucket reduced (the means: divided by the world size): unsharded, copied back
-        into the `.grad`s; sharded, in each bucket's `reduced` shard."""
+        into the `.grad`s (a parameter without one on this rank but with one on another gets
+        the mean); sharded, in each bucket's `reduced` shard. Returns, per parameter, whether
+        any rank had its gradient (`present`).
+
+        The ranks agree on what to run: buckets that never started, in index order, then one
+        all-reduce of each parameter's presence and each bucket's staleness (its gradients
+        changed after it started, on some rank: accumulation), then the stale ones again, on
+        every rank."""
+        work = None
         for b in self.buckets:  # what is in flight: waited on (a handle holds its tensors)
             if b.work is not None:
                 work, b.work = b.work, None
                 work.wait()
-        for b in self.buckets:  # in index order on every rank: never started, or stale
-            if b.stale or b.index >= self.next:
+        for b in self.buckets[self.next :]:  # in index order on every rank
+            self._start(b)
+            work, b.work = b.work, None
+            work.wait()
+        flags = self.flags
+        flags.copy_(torch.tensor([float(p.grad is not None) for p in self.params]
+                                 + [float(b.stale) for b in self.buckets]))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.present = {id(p): bool(v) for p, v in zip(self.params, flags.tolist())}
+        for b, stale in zip(self.buckets, flags[len(self.params):].tolist()):
+            if stale:  # on some rank: every rank reduces it again, from its gradients now
                 self._start(b)
                 work, b.work = b.work, None
                 work.wait()
         work = None  # a completed handle still holds its tensors
-        buffers = []
+        buffers = [flags]
         for b in self.buckets:
             if self.shard:
                 b.reduced.div_(self.world)
@@ -233,8 +268,10 @@ class Communicator:
             else:
                 b.flat.div_(self.world)
                 for p, offset in zip(b.params, b.offsets):
+                    if p.grad is None and self.present[id(p)]:
+                        p.grad = torch.empty_like(p)
                     if p.grad is not None:
-                        p.grad.copy_(b.flat.as_strided(p.shape, p.stride(), offset))
+                        p.grad.copy_(_view(b.flat, p, offset))
             buffers.append(b.flat)
             b.ready.clear()
             b.stale = False
@@ -315,6 +352,7 @@ class Shards:
                     seg[piece.at : piece.at + piece.stop - piece.start] = piece.index
             self.segments.append(seg)
         self.count = len(params)
+        self.sums = torch.zeros(self.count + 1, dtype=torch.float64)  # clipping's, all-reduced
 
     @staticmethod
     def _dtypes(group: dict) -> tuple:
@@ -357,11 +395,12 @@ class Shards:
                           if old_t in self.state}
             self.lists = [[self.tensors[j] for j, piece in enumerate(self.pieces)
                            if any(piece.param is p for p in g["params"])] for g in groups]
+        present = self.comm.present
         for piece, t, g in zip(self.pieces, self.tensors, self.grads):
-            t.grad = g if piece.param.grad is not None else None
+            t.grad = g if present[id(piece.param)] else None  # some rank had a gradient
         inner = self._groups(groups)
         if any(g.get("clip_norm", 0) for g in groups):
-            self._clip(groups)
+            self._clip(groups, grad_scale)
             inner = [{**g, "clip_norm": 0.0} for g in inner]
         self.engine.share(inner, self.state)
         self.engine.step(grad_scale=grad_scale)
@@ -372,10 +411,11 @@ class Shards:
         torch._foreach_copy_(self.param_views, self.gathered_views)
         wait_until_released([b.flat for b in self.comm.buckets] + self.send)
 
-    def _clip(self, groups: list[dict]) -> None:
-        """Scale each shard's gradients by clip_norm / ||scale * g|| of their whole tensor
-        where that norm exceeds clip_norm: partial sums of squares, one all-reduce."""
-        sums = torch.zeros(self.count + 1, dtype=torch.float64)
+    def _clip(self, groups: list[dict], grad_scale: float) -> None:
+        """Scale each shard's gradients by clip_norm / ||scale * g / grad_scale|| of their
+        whole tensor where that norm exceeds clip_norm: partial sums of squares, one
+        all-reduce (the kernel divides by `grad_scale`, a loss scale, as it reads them)."""
+        sums = self.sums.zero_()
         for b, seg in zip(self.comm.buckets, self.segments):
             g = b.reduced.double()
             sums.index_add_(0, seg.cpu(), (g * g).cpu())
@@ -386,7 +426,7 @@ class Shards:
         for g in groups:
             n = len(g["params"])
             limit[at : at + n] = float(g.get("clip_norm", 0.0))
-            scale[at : at + n] = abs(float(g.get("scale", 1.0)))
+            scale[at : at + n] = abs(float(g.get("scale", 1.0))) / grad_scale
             at += n
         norm = scale * sums.sqrt()
         factor = torch.where((limit > 0) & (norm > limit), limit / norm, 1.0)
@@ -406,12 +446,12 @@ class Shards:
         """Every parameter's whole state on rank `to` ({param: {name: tensor}}), None on the
         others: each bucket's shards of each state buffer gathered there."""
         group, rank = self.comm.group, self.comm.rank
-        mine = {}
-        for t in self.tensors:
+        mine = {}  # (bucket, state name) -> (dtype, per block): a bucket holds one dtype
+        for piece, t in zip(self.pieces, self.tensors):
             for name, v in self.state.get(t, {}).items():
                 if name != "step":
-                    mine[name] = (str(v.dtype), name.endswith("_absmax")
-                                  and f"{name[:-7]}" in self.state[t])
+                    mine[(piece.bucket, name)] = (str(v.dtype), name.endswith("_absmax")
+                                                  and name[:-7] in self.state[t])
         present = sorted({(piece.index, name) for piece, t in zip(self.pieces, self.tensors)
                           for name in self.state.get(t, {})})
         meta = [None] * self.comm.world
@@ -423,11 +463,14 @@ class Shards:
             if "step" in self.state.get(t, {}):
                 steps[piece.index] = float(self.state[t]["step"])
         dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+        handed = [steps]  # released by gloo before they go
         params = [p for b in self.comm.buckets for p in b.params]
         full: dict = {p: {} for p in params}
         for k, b in enumerate(self.comm.buckets):
-            for name in sorted(kinds):
-                dtype_name, per_block = kinds[name]
+            for bucket, name in sorted(kinds):
+                if bucket != k:
+                    continue
+                dtype_name, per_block = kinds[(bucket, name)]
                 dtype = getattr(torch, dtype_name.rsplit(".", 1)[-1])
                 unit = ALIGN if per_block else 1
                 send = torch.zeros(b.shard // unit, dtype=dtype, device=b.flat.device)
@@ -439,6 +482,7 @@ class Shards:
                     else None
                 dist.gather(send, out, dst=dist.get_global_rank(group, to)
                             if group is not None else to, group=group)
+                handed += [send, *(out or [])]
                 if rank != to:
                     continue
                 whole = torch.cat(out)
@@ -453,6 +497,7 @@ class Shards:
                         buf = torch.empty_like(p, dtype=dtype)
                         _flat(buf).copy_(values)
                         full[p][name] = buf
+        wait_until_released(handed)
         if rank != to:
             return None
         for p in params:

@@ -119,8 +119,8 @@ class Optimizer(torch.optim.Optimizer):
         _distributed.check_same_parameters(params, self.process_group, type(self).__name__)
         if self._comm is not None:
             self._comm.remove_hooks()
-        self._comm = _distributed.Communicator([p for p in params if p.requires_grad],
-                                               self.process_group, self.bucket_cap_bytes, shard)
+        self._comm = _distributed.Communicator(params, self.process_group,
+                                               self.bucket_cap_bytes, shard)
         if shard:
             if self._not_dense:
                 raise ValueError(f"{type(self).__name__}: shard_state=True needs dense "
@@ -235,7 +235,15 @@ class Optimizer(torch.optim.Optimizer):
         group with `differentiable=True`), and parameters that are not dense (a warning says
         so when the optimizer is made)."""
         if self._not_dense or any(g.get("differentiable") for g in self.param_groups):
-            return self._torch_step(closure)
+            if self.process_group is None:
+                return self._torch_step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.average_gradients()  # then torch's update of the means
+            self._torch_step(None)
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -303,6 +311,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def accumulate_grad(self) -> None:
         """Dragon's gradient accumulation: see `stepjit.optim.Optimizer.accumulate_grad`."""
+        if self.process_group is not None:
+            raise ValueError(f"{type(self).__name__}: accumulate_grad() keeps gradients this "
+                             "rank alone holds, which a process group would never average: "
+                             "accumulate by running backward several times before step() "
+                             "(the buckets then reduce the sum)")
         self._engine.share(self._numeric_groups(), self.state)
         self._engine.accumulate_grad()
 
