@@ -34,7 +34,7 @@ WORKER = textwrap.dedent("""
 
     def scenario(kind, shard=False, group=True, steps=4, first=0, wide=False, load=None,
                  save=None, again=False, branch=False, accum=1, virtual=1, unfreeze=False,
-                 scaler=False, f64=False):
+                 scaler=False, f64=False, gaps=False):
         torch.manual_seed(0)
         width = 1500 if wide else 45  # 48K parameters, or 1442
         model = torch.nn.Sequential(torch.nn.Linear(7, width), torch.nn.Tanh(),
@@ -44,6 +44,11 @@ WORKER = textwrap.dedent("""
             model.append(torch.nn.Linear(1, 1))
         if f64:
             model[4].double()
+        if gaps:  # a weight with gaps in memory: torch's own update runs, on the means
+            w = model[2].weight.detach()
+            holder = torch.zeros(w.shape[0], 2 * w.shape[1])
+            holder[:, ::2] = w
+            model[2].weight = torch.nn.Parameter(holder[:, ::2])
         if unfreeze:  # frozen when the optimizer is made, trained from the second step
             model[0].requires_grad_(False)
         options = dict(process_group=dist.group.WORLD if group else None, shard_state=shard,
@@ -167,7 +172,8 @@ def runs(tmp_path_factory):
             "refusals": {},
             "whole-branch": dict(kind="adamw", group=False, branch=True, accum=2, virtual=2),
             "whole-unfreeze": dict(kind="adamw", group=False, unfreeze=True),
-            "whole-scaler": dict(kind="clip", group=False, scaler=True)}
+            "whole-scaler": dict(kind="clip", group=False, scaler=True),
+            "whole-gaps": dict(kind="adamw", group=False, gaps=True)}
     two = {f"sharded-{k}": dict(kind=k, shard=True) for k in ("sgd", "clip", "adamw", "adamw8")}
     two |= {f"unsharded-{k}": dict(kind=k) for k in ("sgd", "clip", "adamw")}
     two |= {f"{mode}-{case}": dict(kind=kind, shard=mode == "sharded", **more)
@@ -175,6 +181,7 @@ def runs(tmp_path_factory):
             for case, kind, more in [("branch", "adamw", dict(branch=True, accum=2)),
                                      ("unfreeze", "adamw", dict(unfreeze=True)),
                                      ("scaler", "clip", dict(scaler=True))]}
+    two |= {"unsharded-gaps": dict(kind="adamw", gaps=True)}
     two |= {"f64-adamw": dict(kind="adamw", shard=True, steps=2, f64=True,
                               save=str(work / "f64.pt"))}
     two |= {"shares-adamw": dict(kind="adamw", shard=True, steps=1, wide=True),
@@ -272,6 +279,10 @@ def test_what_real_training_loops_do(runs, case):
     whole = runs[1][f"whole-{case}"][0]
     for mode in ("sharded", "unsharded"):
         _same_everywhere_and_close(runs[2][f"{mode}-{case}"], whole)
+
+
+def test_a_parameter_with_gaps_is_averaged_before_torchs_own_update(runs):
+    _same_everywhere_and_close(runs[2]["unsharded-gaps"], runs[1]["whole-gaps"][0])
 
 
 def test_consolidated_state_keeps_each_parameter_dtype(runs):
