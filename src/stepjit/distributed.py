@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .ir import QUANT_BLOCK
+from .ir import QUANT_BLOCK, DType
+from .runtime import arrays
 
 # torch 2.13 renamed the flat collectives (the old names warn)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -100,8 +101,6 @@ def check_same_parameters(params: list, group, what: str) -> None:
 def _view(buffer: torch.Tensor, p, offset: int) -> torch.Tensor:
     """Parameter p's elements in a bucket buffer: in p's memory order for a dense p (a shard
     cuts it as memory lies), else in C order."""
-    from .runtime import arrays
-
     if arrays.is_dense(p):
         return buffer.as_strided(p.shape, p.stride(), offset)
     return buffer[offset : offset + p.numel()].view(p.shape)
@@ -309,16 +308,6 @@ def pieces_of(buckets: list[Bucket], rank: int, index: dict) -> list[Piece]:
     return found
 
 
-def shard_step_groups(groups: list[dict], pieces: list[Piece], tensors: list) -> list[dict]:
-    """The face's groups as the shard's optimizer sees them: the same hyperparameters over the
-    piece tensors of each group's parameters (lists kept by the caller)."""
-    by_param = {}
-    for piece, t in zip(pieces, tensors):
-        by_param.setdefault(id(piece.param), []).append(t)
-    return [{**g, "params": [t for p in g["params"] for t in by_param.get(id(p), [])]}
-            for g in groups]
-
-
 class Shards:
     """This rank's share of a sharded optimizer: the pieces of parameters in its shards, their
     state, and the stepjit optimizer (`engine`) that steps them with the face's kernels."""
@@ -356,13 +345,11 @@ class Shards:
 
     @staticmethod
     def _dtypes(group: dict) -> tuple:
-        from .runtime import arrays
-
+        """(parameter, gradient) dtypes of a group's rule (whether it reads norms does not
+        depend on them)."""
         t = next(iter(group["params"]), None)
-        dt = arrays.dtype(t) if t is not None else None
-        from .ir import DType
-
-        return (dt or DType.F32, dt or DType.F32)
+        dt = (arrays.dtype(t) if t is not None else None) or DType.F32
+        return dt, dt
 
     def _views(self) -> None:
         """Views of the parameters' memory: each piece (the tensors the engine steps), each
