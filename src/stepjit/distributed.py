@@ -27,8 +27,10 @@ started (a second backward before the step, gradient accumulation) is reduced ag
 Per-tensor clipping of a split tensor needs its whole norm: each rank sums the squares of its
 pieces of each parameter (one vectorized pass per bucket), one all-reduce of those partial sums
 gives every rank the norms, and the shard's gradients are scaled by `clip_norm / norm` where
-the norm exceeds it before the kernel runs (without its own clipping). Rules that need other
-whole-tensor reductions (LARS's trust ratio) are refused.
+the norm exceeds it before the kernel runs (without its own clipping). An update that reads
+other whole-tensor norms (LARS's trust ratio) is sharded by whole tensors instead: no parameter
+is split, each goes to the least loaded rank (`plan_buckets(whole=True)`), and the kernel
+computes its norms as unsharded.
 
 gloo is never handed a temporary nor a `.grad`: only buffers that outlive the collective, each
 waited on and released before `finish()` returns (see `stepjit.torch.average_gradients`).
@@ -126,10 +128,12 @@ FIRST_BUCKET_BYTES = 1 << 20
 """The first bucket's cap (as DDP's): the last layers' gradients start communicating early."""
 
 
-def plan_buckets(params: list, cap_bytes: int, world: int, shard: bool) -> list[Bucket]:
+def plan_buckets(params: list, cap_bytes: int, world: int, shard: bool,
+                 whole: bool = False) -> list[Bucket]:
     """Buckets of `params` (reverse order, one dtype and device each, at most `cap_bytes`, the
     first at most FIRST_BUCKET_BYTES; a bigger parameter alone), their flat buffers
-    allocated."""
+    allocated. `whole` (sharded): no parameter is split; each goes to the least loaded rank,
+    largest first, and each rank's shard is padded to the largest load."""
     groups: list[list] = []
     size = 0
     for p in reversed(params):
@@ -145,17 +149,21 @@ def plan_buckets(params: list, cap_bytes: int, world: int, shard: bool) -> list[
             size += nbytes
     buckets = []
     for members in groups:
-        offsets, at = [], 0
-        for p in members:
-            if shard:
-                at = -(-at // ALIGN) * ALIGN
-            offsets.append(at)
-            at += p.numel()
-        if shard:
-            per_rank = -(-at // (world * ALIGN)) * ALIGN
+        if shard and whole:
+            offsets, per_rank = _whole_layout(members, world)
             numel = per_rank * world
         else:
-            per_rank, numel = 0, at
+            offsets, at = [], 0
+            for p in members:
+                if shard:
+                    at = -(-at // ALIGN) * ALIGN
+                offsets.append(at)
+                at += p.numel()
+            if shard:
+                per_rank = -(-at // (world * ALIGN)) * ALIGN
+                numel = per_rank * world
+            else:
+                per_rank, numel = 0, at
         p0 = members[0]
         flat = torch.zeros(numel, dtype=p0.dtype, device=p0.device)
         reduced = torch.zeros(per_rank, dtype=p0.dtype, device=p0.device) if shard else None
@@ -163,16 +171,42 @@ def plan_buckets(params: list, cap_bytes: int, world: int, shard: bool) -> list[
     return buckets
 
 
+def _whole_layout(members: list, world: int) -> tuple[list[int], int]:
+    """(offset of each parameter, elements per rank) when parameters are not split: each to the
+    least loaded rank (largest first; ties to the lower rank), at 256-element boundaries."""
+    sizes = [-(-p.numel() // ALIGN) * ALIGN for p in members]
+    loads = [0] * world
+    where = [0] * len(members)
+    at = [0] * len(members)
+    for i in sorted(range(len(members)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        where[i], at[i] = r, loads[r]
+        loads[r] += sizes[i]
+    per_rank = max(max(loads), ALIGN)
+    return [where[i] * per_rank + at[i] for i in range(len(members))], per_rank
+
+
+def reads_norms(engine, groups: list[dict]) -> bool:
+    """Whether a group's update reads whole-tensor norms besides clipping (LARS's trust
+    ratio): sharded, such parameters are then kept whole, each on one rank."""
+    for g in groups:  # (the dtypes do not change whether a rule reads norms)
+        g = {**g, "clip_norm": 0.0}
+        if engine.rule(engine.structure(g), DType.F32, DType.F32).reductions:
+            return True
+    return False
+
+
 class Communicator:
     """The buckets of one optimizer, their hooks and collectives (see the module docstring)."""
 
-    def __init__(self, params: list, group, cap_bytes: int, shard: bool) -> None:
+    def __init__(self, params: list, group, cap_bytes: int, shard: bool,
+                 whole: bool = False) -> None:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.shard = shard
         self.params = list(params)
-        self.buckets = plan_buckets(self.params, cap_bytes, self.world, shard)
+        self.buckets = plan_buckets(self.params, cap_bytes, self.world, shard, whole)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.next = 0  # the next bucket to start, in index order
         # each parameter's presence and each bucket's staleness, agreed on at the step (a
@@ -324,14 +358,11 @@ class Shards:
                        if any(piece.param is p for p in g["params"])] for g in groups]
         self.engine = engine.over(self._groups(groups), self.state, backend=backend,
                                   step_count=torch.from_numpy, storage=storage)
-        for g in self._groups(groups):  # clipping is done across ranks (`_clip`)
-            g = {**g, "clip_norm": 0.0}
-            rule = self.engine.rule(self.engine.structure(g), *self._dtypes(g))
-            if rule.reductions:
-                raise ValueError(f"{engine.__name__}: shard_state=True cannot run this update: "
-                                 "it reads whole-tensor norms (a trust ratio), which a rank "
-                                 "holding part of a tensor does not have; leave the state "
-                                 "unsharded")
+        split = any(p.stop - p.start < p.param.numel() for p in self.pieces)
+        if split and reads_norms(self.engine, self._groups(groups)):
+            raise ValueError(f"{engine.__name__}: this update reads whole-tensor norms, which "
+                             "a rank holding part of a tensor does not have: shard with "
+                             "whole tensors (`Communicator(whole=True)`)")
         # the pieces' segment of each shard element, for clipping: parameter index, else -1
         self.segments = []
         for k, b in enumerate(comm.buckets):
@@ -342,14 +373,6 @@ class Shards:
             self.segments.append(seg)
         self.count = len(params)
         self.sums = torch.zeros(self.count + 1, dtype=torch.float64)  # clipping's, all-reduced
-
-    @staticmethod
-    def _dtypes(group: dict) -> tuple:
-        """(parameter, gradient) dtypes of a group's rule (whether it reads norms does not
-        depend on them)."""
-        t = next(iter(group["params"]), None)
-        dt = (arrays.dtype(t) if t is not None else None) or DType.F32
-        return dt, dt
 
     def _views(self) -> None:
         """Views of the parameters' memory: each piece (the tensors the engine steps), each

@@ -119,8 +119,10 @@ class Optimizer(torch.optim.Optimizer):
         _distributed.check_same_parameters(params, self.process_group, type(self).__name__)
         if self._comm is not None:
             self._comm.remove_hooks()
+        whole = shard and _distributed.reads_norms(self._engine,
+                                                   _with_numbers(self.param_groups))
         self._comm = _distributed.Communicator(params, self.process_group,
-                                               self.bucket_cap_bytes, shard)
+                                               self.bucket_cap_bytes, shard, whole)
         if shard:
             if self._not_dense:
                 raise ValueError(f"{type(self).__name__}: shard_state=True needs dense "
