@@ -32,6 +32,24 @@ __device__ __forceinline__ float decode_code(unsigned char code) {
     return __uint_as_float(bits);
 }
 
+// What a code's magnitude bits round: the magnitude (signed maps) or x (unsigned maps) clamped
+// to [0, 1]; above 1 gives 1, NaN and (unsigned) negative values give 0.
+template <bool SIGNED>
+__device__ __forceinline__ float code_magnitude(float x) {
+    float a = SIGNED ? fabsf(x) : x;
+    a = a <= 1.0f ? a : (a > 1.0f ? 1.0f : 0.0f);
+    return a < 0.0f ? 0.0f : a;
+}
+
+// The code of magnitude bits m: a signed map's takes x's sign bit (not NaN's).
+template <bool SIGNED>
+__device__ __forceinline__ unsigned char with_sign(unsigned m, float x) {
+    if (SIGNED && (__float_as_uint(x) & 0x80000000u) && x == x) {
+        m |= 0x80u;
+    }
+    return (unsigned char)m;
+}
+
 // The code nearest x, ties to the even code. The magnitude (signed maps) or x (unsigned maps)
 // is first clamped to [0, 1]: above 1 gives 1, NaN and (unsigned) negative values give 0. From
 // the smallest normal value up, float32's bits are rebiased and rounded to F fraction bits
@@ -42,9 +60,7 @@ __device__ __forceinline__ float decode_code(unsigned char code) {
 template <bool SIGNED, int E, int F>
 __device__ __forceinline__ unsigned char encode_code(float x) {
     constexpr int BIAS = (1 << E) - 1;
-    float a = SIGNED ? fabsf(x) : x;
-    a = a <= 1.0f ? a : (a > 1.0f ? 1.0f : 0.0f);
-    a = a < 0.0f ? 0.0f : a;
+    const float a = code_magnitude<SIGNED>(x);
     unsigned m;
     if (a < power_of_two(1 - BIAS)) {
         const float magic = power_of_two(24 - BIAS - F);
@@ -54,10 +70,7 @@ __device__ __forceinline__ unsigned char encode_code(float x) {
         const unsigned odd = (bits >> (23 - F)) & 1u;
         m = (bits + ((unsigned)(BIAS - 127) << 23) + (1u << (22 - F)) - 1u + odd) >> (23 - F);
     }
-    if (SIGNED && (__float_as_uint(x) & 0x80000000u) && x == x) {
-        m |= 0x80u;
-    }
-    return (unsigned char)m;
+    return with_sign<SIGNED>(m, x);
 }
 
 // The code of x rounded stochastically (ENCODE_SR), from 16 random bits (hash_bits16): up in
@@ -70,9 +83,7 @@ template <bool SIGNED, int E, int F>
 __device__ __forceinline__ unsigned char encode_code_sr(float x, unsigned bits16) {
     static_assert(F <= 7, "the random bits go below the kept fraction bits");
     constexpr int BIAS = (1 << E) - 1;
-    float a = SIGNED ? fabsf(x) : x;
-    a = a <= 1.0f ? a : (a > 1.0f ? 1.0f : 0.0f);
-    a = a < 0.0f ? 0.0f : a;
+    const float a = code_magnitude<SIGNED>(x);
     unsigned m;
     if (a < power_of_two(1 - BIAS)) {
         const float steps = a * power_of_two(BIAS + F - 1);
@@ -80,10 +91,7 @@ __device__ __forceinline__ unsigned char encode_code_sr(float x, unsigned bits16
     } else {
         m = (__float_as_uint(a) + (bits16 << (7 - F)) + ((unsigned)(BIAS - 127) << 23)) >> (23 - F);
     }
-    if (SIGNED && (__float_as_uint(x) & 0x80000000u) && x == x) {
-        m |= 0x80u;
-    }
-    return (unsigned char)m;
+    return with_sign<SIGNED>(m, x);
 }
 
 // A running block maximum of magnitudes: the bits of |x| compared as unsigned integers, which
