@@ -32,31 +32,30 @@ __device__ __forceinline__ float decode_code(unsigned char code) {
     return __uint_as_float(bits);
 }
 
-// What a code's magnitude bits round: the magnitude (signed maps) or x (unsigned maps) clamped
-// to [0, 1]; above 1 gives 1, NaN and (unsigned) negative values give 0.
+// What a code's magnitude bits round (stepjit.ir.ops.CodeMap.magnitude): |x| (signed maps) or x
+// (unsigned maps: negative values give 0), clamped to 1; infinity and NaN give 1.
 template <bool SIGNED>
 __device__ __forceinline__ float code_magnitude(float x) {
-    float a = SIGNED ? fabsf(x) : x;
-    a = a <= 1.0f ? a : (a > 1.0f ? 1.0f : 0.0f);
-    return a < 0.0f ? 0.0f : a;
+    float a = SIGNED ? fabsf(x) : (x < 0.0f ? 0.0f : x);
+    return a <= 1.0f ? a : 1.0f;
 }
 
-// The code of magnitude bits m: a signed map's takes x's sign bit (not NaN's).
+// The code of magnitude bits m: a signed map's takes the sign bit where x < 0 (not -0, nor NaN,
+// whose sign bit backends set differently).
 template <bool SIGNED>
 __device__ __forceinline__ unsigned char with_sign(unsigned m, float x) {
-    if (SIGNED && (__float_as_uint(x) & 0x80000000u) && x == x) {
+    if (SIGNED && x < 0.0f) {
         m |= 0x80u;
     }
     return (unsigned char)m;
 }
 
-// The code nearest x, ties to the even code. The magnitude (signed maps) or x (unsigned maps)
-// is first clamped to [0, 1]: above 1 gives 1, NaN and (unsigned) negative values give 0. From
-// the smallest normal value up, float32's bits are rebiased and rounded to F fraction bits
-// (adding half an ulp of the code, less one, plus the kept bit's parity, then truncating: ties
-// go to the even code; 32-bit wrapping arithmetic); below it, adding 2^(24 - bias - F), whose
-// float32 spacing is the code's subnormal step, rounds to nearest even in one IEEE addition and
-// leaves the code in the low bits. A signed map's code takes x's sign bit (not NaN's).
+// The code nearest x, ties to the even code, of code_magnitude(x). From the smallest normal
+// value up, float32's bits are rebiased and rounded to F fraction bits (adding half an ulp of
+// the code, less one, plus the kept bit's parity, then truncating: ties go to the even code;
+// 32-bit wrapping arithmetic); below it, adding 2^(24 - bias - F), whose float32 spacing is the
+// code's subnormal step, rounds to nearest even in one IEEE addition and leaves the code in the
+// low bits. Signs as with_sign.
 template <bool SIGNED, int E, int F>
 __device__ __forceinline__ unsigned char encode_code(float x) {
     constexpr int BIAS = (1 << E) - 1;
@@ -73,24 +72,24 @@ __device__ __forceinline__ unsigned char encode_code(float x) {
     return with_sign<SIGNED>(m, x);
 }
 
-// The code of x rounded stochastically (ENCODE_SR), from 16 random bits (hash_bits16): up in
-// magnitude with probability (|x| - below) / (above - below), to 2^-16. Clamping, NaN and signs
-// as encode_code. From the smallest normal value up, the random bits are added just below the
-// kept fraction bits of the rebiased float32 pattern, which is then truncated; below it, the
-// magnitude in units of the code's subnormal step (exact) plus bits / 2^16 (one float32
-// addition) is truncated.
+// The code of x rounded stochastically (ENCODE_SR, stepjit.ir.ops.CodeMap.encode_stochastic),
+// from the element's 32 random bits (code_stream): up in magnitude with probability
+// (|x| - below) / (above - below), to 2^-(23 - F). With a = code_magnitude(x),
+// w = max(a * 2^BIAS + 2 (one rounding), a * 2^(BIAS + 1)) lies in [2, 2^(BIAS + 1)]; its bits
+// less 2.0's, above the lowest 23 - F, are the code below a (the first term counts subnormal
+// steps, the second takes over at the smallest normal value); the random bits added below them
+// carry into the code with the dropped fraction's probability. a * 2^(BIAS + 1) is a's bits with
+// BIAS + 1 added to the exponent field: where a is not normal that is smaller than the first
+// term, which then wins.
 template <bool SIGNED, int E, int F>
-__device__ __forceinline__ unsigned char encode_code_sr(float x, unsigned bits16) {
-    static_assert(F <= 7, "the random bits go below the kept fraction bits");
+__device__ __forceinline__ unsigned char encode_code_sr(float x, unsigned random) {
     constexpr int BIAS = (1 << E) - 1;
     const float a = code_magnitude<SIGNED>(x);
-    unsigned m;
-    if (a < power_of_two(1 - BIAS)) {
-        const float steps = a * power_of_two(BIAS + F - 1);
-        m = (unsigned)(steps + (float)bits16 * power_of_two(-16));
-    } else {
-        m = (__float_as_uint(a) + (bits16 << (7 - F)) + ((unsigned)(BIAS - 127) << 23)) >> (23 - F);
-    }
+    const float first = a * power_of_two(BIAS) + 2.0f;  // the product is exact: fused or not
+    const float second = __uint_as_float(__float_as_uint(a) + ((unsigned)(BIAS + 1) << 23));
+    const float w = second > first ? second : first;
+    const unsigned m = (__float_as_uint(w) + (random & ((1u << (23 - F)) - 1u))
+                        - __float_as_uint(2.0f)) >> (23 - F);
     return with_sign<SIGNED>(m, x);
 }
 

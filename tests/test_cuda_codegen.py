@@ -401,7 +401,7 @@ def test_int8_update_is_one_pass_in_blocks_of_threads():
     assert "decode_code<true, 4, 3>(exp_avg)" in early and "param_out = " in early
     assert "encode_code" not in early and "absmax_0" not in early
     assert "encode_code_sr<true, 4, 3>(" in late and "encode_code_sr<false, 5, 3>(" in late
-    assert "hash_bits16(" in late and "1.0f / absmax" not in late
+    assert "code_stream(" in late and "1.0f / absmax" not in late
     loop = update.split("for (long long base = begin;")[1]
     order = ["float v16_kept[VEC];", "unsigned absmax_bits[2] = {};", "early(",
              "absmax_bits[0] = fold_absmax(absmax_bits[0], v16_kept[k]);",
@@ -416,13 +416,13 @@ def test_int8_update_is_one_pass_in_blocks_of_threads():
 
 def test_int8_helpers_only_where_needed():
     plain = gpu.render(sgd_rule(True, False, True, True, F32, F32))
-    assert "STEPJIT_QUANTIZED_CUH" not in plain and "unsigned hash_bits16(" not in plain
+    assert "STEPJIT_QUANTIZED_CUH" not in plain and "unsigned code_stream(" not in plain
     source = gpu.render(INT8_ADAM)
     assert source.count("#define STEPJIT_QUANTIZED_CUH") == 1
-    assert source.count("__device__ __forceinline__ unsigned hash_bits16(") == 1
+    assert source.count("__device__ __forceinline__ unsigned code_stream(") == 1
     nearest = quantized(rule_for("adam", "float32"), {"exp_avg": "signed"}, "nearest", key=None)
     text = gpu.render(nearest)
-    assert "encode_code<true, 4, 3>(" in text and "unsigned hash_bits16(" not in text
+    assert "encode_code<true, 4, 3>(" in text and "unsigned code_stream(" not in text
     decoded = UpdateRule("decoded", [Slot("code", DType.U8), Slot("x", F32, True)],
                          {"x": decode(tensor("code", DType.U8), "unsigned")})
     text = gpu.render(decoded)  # codes without blocks: the helpers, the plain update kernel
@@ -460,7 +460,7 @@ def test_codes_are_not_cast():
 
 
 def test_int8_names_of_block_values_are_reserved():
-    for name in ("absmax_0", "v3_kept", "group_max", "hash_bits16", "GROUP"):
+    for name in ("absmax_0", "v3_kept", "group_max", "code_stream", "GROUP"):
         assert cuda.c_name(name) == f"{name}_arg"
 
 

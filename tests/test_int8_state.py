@@ -27,9 +27,10 @@ from stepjit.ir import (
     scalar,
     tensor,
 )
-from stepjit.ir.ops import hash_bits16
+from stepjit.ir.ops import code_stream
 from stepjit.optim import registry
 from stepjit.optim.compact import dequantize
+from stepjit.optim.optimizer import rounding_keys
 
 NAMES = sorted(registry.OPTIMIZERS)
 
@@ -69,10 +70,12 @@ def test_a_code_map_holds_its_values_exactly_and_rounds_to_the_nearest(name):
     assert np.all(tie % 2 == 0) and np.all(np.abs(tie.astype(int) - codes[:-1]) <= 1)
     if cm.signed:
         np.testing.assert_array_equal(cm.decode(cm.encode(-values)), -values)
-        assert cm.encode(np.float32(-0.0)) == 0x80 and np.signbit(cm.decode(np.uint8(0x80)))
+        assert cm.encode(np.float32(-0.0)) == 0 and np.signbit(cm.decode(np.uint8(0x80)))
     else:
         assert cm.encode(np.float32(-0.5)) == 0  # negative values give 0
-    assert cm.encode(np.float32(np.nan)) == 0 and cm.encode(np.float32(7.0)) == cm.top
+    assert cm.encode(np.float32(7.0)) == cm.top == cm.encode(np.float32(np.inf))
+    assert cm.encode(np.float32(np.nan)) == cm.top  # its block's scale is NaN: it reads NaN
+    assert cm.encode(-np.float32(np.nan)) == cm.top  # whatever its sign bit
 
 
 @pytest.mark.parametrize("name", sorted(CODE_MAPS))
@@ -81,13 +84,36 @@ def test_stochastic_encoding_is_unbiased(name):
     n = 1 << 16
     index = np.arange(n, dtype=np.uint64)
     for x in [0.3, 0.01, 0.9999, 3e-6, 2.0**-25, 0.75]:  # normal and subnormal ranges
-        codes = cm.encode_stochastic(np.full(n, x, np.float32), hash_bits16(123.0, index))
-        got = cm.decode(codes).astype(np.float64)
-        lo, hi = got.min(), got.max()
-        assert lo <= x <= hi and len(np.unique(got)) <= 2  # only the two neighbours
-        p = (x - lo) / (hi - lo) if hi > lo else 0.0
-        sigma = (hi - lo) * np.sqrt(max(p * (1 - p), 1 / n) / n)
-        assert abs(got.mean() - x) <= 5 * sigma + (hi - lo) * 2.0**-16, (x, got.mean())
+        # across a tensor in one step, and one element across steps (a fresh key each step)
+        keys = rounding_keys(7, np.array([3], np.uint64), np.arange(n, dtype=np.uint64))
+        for stream in (code_stream(123.0, index), code_stream_of_keys(keys, 1000)):
+            codes = cm.encode_stochastic(np.full(n, x, np.float32), stream)
+            got = cm.decode(codes).astype(np.float64)
+            lo, hi = got.min(), got.max()
+            assert lo <= x <= hi and len(np.unique(got)) <= 2  # only the two neighbours
+            p = (x - lo) / (hi - lo) if hi > lo else 0.0
+            sigma = (hi - lo) * np.sqrt(max(p * (1 - p), 1 / n) / n)
+            assert abs(got.mean() - x) <= 5 * sigma + (hi - lo) * 2.0**-20, (x, got.mean())
+
+
+def code_stream_of_keys(keys: np.ndarray, index: int) -> np.ndarray:
+    """Element `index`'s bits of `code_stream` under each of `keys`."""
+    return np.array([code_stream(k, index) for k in keys], np.uint32)
+
+
+def test_an_elements_bits_are_uncorrelated_between_slots_and_steps():
+    # within a step an element's bits are the tensor's hashed key plus its index times a
+    # constant; the key is fresh each step and each slot adds its position to it, so what one
+    # element draws is independent between its two slots, and from one step to the next
+    n = 1 << 14
+    keys = rounding_keys(7, np.array([3], np.uint64), np.arange(n + 1, dtype=np.uint64))
+    for index in (0, 1, 4097):
+        low = {(slot, step): code_stream_of_keys(keys[step:step + n] + slot, index) % 2**20
+               for slot in (1.0, 2.0) for step in (0, 1)}
+        a = low[1.0, 0].astype(np.float64)
+        for other in (low[2.0, 0], low[1.0, 1]):
+            assert abs(np.corrcoef(a, other.astype(np.float64))[0, 1]) < 5 / np.sqrt(n)
+        assert abs(a.mean() / 2**20 - 0.5) < 5 * np.sqrt(1 / 12 / n)  # uniform
 
 
 def test_rounding_to_nearest_loses_an_average_that_stochastic_rounding_keeps():

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir import CODE_MAPS, OPS, QUANT_BLOCK, DType, Expr, Op, Slot, UpdateRule, apply
-from ..ir.ops import CODED, HASH32, LEAVES, RANDOM_MIX
+from ..ir.ops import CODED, HASH32, LEAVES, RANDOM_MIX, WEYL32
 from . import check_supported
 
 BLOCK = 512
@@ -212,12 +212,12 @@ def _libm_call(name: str) -> Emitter:
 def _code_map_call(helper: str, stochastic: bool = False) -> Emitter:
     """A call of `helper` (codegen_templates/quantized.cuh) for the node's code map, its format
     as template arguments: <signed, exponent bits, fraction bits>. `stochastic`: the second
-    operand is a key, and the helper takes 16 random bits of (key, the element's index)."""
+    operand is a key, and the helper takes the element's random bits of it (`code_stream`)."""
 
     def emit(node: Expr, args: Sequence[str]) -> str:
         m = CODE_MAPS[str(node.arg)]
         form = f"{'true' if m.signed else 'false'}, {m.exponent}, {m.fraction}"
-        operands = f"{args[0]}, hash_bits16({args[1]}, index)" if stochastic else args[0]
+        operands = f"{args[0]}, code_stream({args[1]}, index)" if stochastic else args[0]
         return f"{helper}<{form}>({operands})"
 
     return emit
@@ -277,19 +277,20 @@ __device__ __forceinline__ __nv_bfloat16 round_sr_bf16(float x, double key, long
 """
 
 
-_HASH_BITS_HELPER = f"""
-#ifndef STEPJIT_HASH_BITS16
-#define STEPJIT_HASH_BITS16
-// 16 random bits of (key, the element's index within its tensor), for encode_code_sr: the top
-// half of lowbias32 of the key's low 32 bits + the index (32-bit wrapping arithmetic; a stream
-// repeats every 2^32 elements). The same bits as the interpreter's stepjit.ir.ops.hash_bits16.
-__device__ __forceinline__ unsigned hash_bits16(double key, long long index) {{
-    unsigned x = (unsigned)(unsigned long long)key + (unsigned)index;
+_CODE_STREAM_HELPER = f"""
+#ifndef STEPJIT_CODE_STREAM
+#define STEPJIT_CODE_STREAM
+// 32 random bits of (key, the element's index within its tensor), for encode_code_sr: a Weyl
+// sequence from lowbias32 of the key's low 32 bits, plus the index times 2^32 over the golden
+// ratio (32-bit wrapping arithmetic). The same bits as the interpreter's
+// stepjit.ir.ops.code_stream.
+__device__ __forceinline__ unsigned code_stream(double key, long long index) {{
+    unsigned x = (unsigned)(unsigned long long)key;
     x = (x ^ (x >> 16)) * {int(HASH32[0]):#x}u;
     x = (x ^ (x >> 15)) * {int(HASH32[1]):#x}u;
-    return (x ^ (x >> 16)) >> 16;
+    return (x ^ (x >> 16)) + (unsigned)index * {int(WEYL32):#x}u;
 }}
-#endif  // STEPJIT_HASH_BITS16
+#endif  // STEPJIT_CODE_STREAM
 """
 
 
@@ -312,7 +313,7 @@ _RESERVED = _C_MATH | frozenset(
     begin end i k aligned spacing wide update accumulate accumulate_exact scratch first_chunk
     n_chunks c partials totals lr_source lr_arg steps n_tensors step_count
     GROUP base early late absmax_bits power_of_two decode_code encode_code encode_code_sr
-    hash_bits16 fold_absmax group_barrier group_max""".split()
+    code_stream fold_absmax group_barrier group_max""".split()
 )
 
 
@@ -1123,7 +1124,7 @@ def render(
     if any(n.op is Op.ROUND_SR for n in rule.nodes):
         parts.append(_ROUND_SR_HELPER)
     if any(n.op is Op.ENCODE_SR for n in rule.nodes):
-        parts.append(_HASH_BITS_HELPER)
+        parts.append(_CODE_STREAM_HELPER)
     if info.prepare:
         parts.append(_render_prepare(rule, info, capturable, templates))
     if rule.reductions:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from llvmlite import ir
 
 from ..ir import OPS, DType, Expr, Op, UpdateRule
-from ..ir.ops import CODE_MAPS, HASH32, QUANT_BLOCK, RANDOM_MIX
+from ..ir.ops import CODE_MAPS, HASH32, QUANT_BLOCK, RANDOM_MIX, WEYL32
 from . import check_supported
 
 I1, I8, I16, I32, I64 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
@@ -66,6 +66,7 @@ class _Ctx:
     values: dict[Expr, ir.Value] = field(default_factory=dict)
     slots: dict[str, ir.Value] = field(default_factory=dict)  # slot name -> data pointer
     index: ir.Value | None = None  # the element index inside an element loop
+    weyl: ir.Value | None = None  # index * WEYL32 (i32), where the loop carries it
     per_block: frozenset = frozenset()  # slots holding one value per block (read at index >> 8)
     labels: dict[Expr, str] = field(default_factory=dict)  # node -> "v7.mul"
 
@@ -181,13 +182,16 @@ def _random_bits16(ctx: _Ctx, key: ir.Value) -> ir.Value:
     return b.trunc(b.lshr(z, I64(48)), I32)
 
 
-def _hash_bits16(ctx: _Ctx, key: ir.Value) -> ir.Value:
-    """16 random bits (an i32) of the element: `ops.hash_bits16(key, index)`."""
+def _code_stream(ctx: _Ctx, key: ir.Value) -> ir.Value:
+    """32 random bits (an i32) of the element: `ops.code_stream(key, index)` (the key's hash
+    is loop-invariant: LLVM computes it once per tensor)."""
     b = ctx.builder
-    x = b.add(b.trunc(b.fptoui(key, I64), I32), b.trunc(ctx.index, I32))
+    x = b.trunc(b.fptoui(key, I64), I32)
     x = b.mul(b.xor(x, b.lshr(x, I32(16))), _i32(int(HASH32[0])))
     x = b.mul(b.xor(x, b.lshr(x, I32(15))), _i32(int(HASH32[1])))
-    return b.lshr(b.xor(x, b.lshr(x, I32(16))), I32(16))
+    x = b.xor(x, b.lshr(x, I32(16)))
+    weyl = ctx.weyl if ctx.weyl is not None else b.mul(b.trunc(ctx.index, I32), _i32(int(WEYL32)))
+    return b.add(x, weyl)
 
 
 def _i32(value: int) -> ir.Constant:
@@ -205,52 +209,67 @@ def _round_sr(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
 
 
 def _decode(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
-    """A code's float32 value (`ops.CodeMap.decode`): its bits, but in the subnormal binade."""
+    """A code's float32 value (`ops.CodeMap.decode`), without a branch or a float32 subnormal.
+    A signed map with bias 15 is the top of a half (sign, 4 of its 5 exponent bits, 3 of its
+    10 fraction bits): with F16C, one conversion (which ignores denormals-are-zero). Else t,
+    the code's magnitude bits moved into float32's exponent and fraction with the exponent
+    rebiased one binade up, is twice the value of a normal code; of a subnormal code, t is
+    2 * 2**-B (B the bias) plus twice its value. The value is min(t / 2, t - 2**(1 - B)),
+    both exact (t / 2 as an exponent decrement); a signed map's sign bit is then copied."""
     b, cm = ctx.builder, CODE_MAPS[node.arg]
-    c = b.zext(ops[0], I32)
-    mag = b.and_(c, I32(0x7F if cm.signed else 0xFF))
-    field = b.lshr(mag, I32(cm.fraction))
-    frac = b.and_(mag, I32(2**cm.fraction - 1))
-    normal = b.or_(b.shl(b.add(field, I32(127 - cm.bias)), I32(23)),
-                   b.shl(frac, I32(23 - cm.fraction)))
-    sub = b.fmul(b.uitofp(frac, F32), ir.Constant(F32, 2.0 ** (1 - cm.bias - cm.fraction)))
-    value = b.select(b.icmp_unsigned("==", field, I32(0)), b.bitcast(sub, I32), normal)
+    if cm.signed and (cm.exponent, cm.fraction) == (4, 3) and ctx.f16_native:
+        h = b.and_(b.shl(b.sext(ops[0], I16), I16(7)), I16(0xBFFF - 0x10000))
+        return b.fpext(b.bitcast(h, HALF), F32)
+    c = b.sext(ops[0], I32) if cm.signed else b.zext(ops[0], I32)
+    field = b.shl(c, I32(23 - cm.fraction))
     if cm.signed:
-        value = b.or_(value, b.shl(b.and_(c, I32(0x80)), I32(24)))
-    return b.bitcast(value, F32)
+        field = b.and_(field, I32(0x7F << (23 - cm.fraction)))
+    t = b.add(field, I32((128 - cm.bias) << 23))
+    subnormal = b.fsub(b.bitcast(t, F32), ir.Constant(F32, 2.0 ** (1 - cm.bias)))
+    normal = b.bitcast(b.sub(t, I32(1 << 23)), F32)
+    value = b.select(b.fcmp_ordered("<", subnormal, normal), subnormal, normal)
+    if cm.signed:  # c is sign-extended: its sign bit is the code's
+        value = b.bitcast(b.or_(b.bitcast(value, I32), b.and_(c, I32(-(2**31)))), F32)
+    return value
 
 
 def _encode(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
     """The code of a float32 in a code map: to nearest-even (ENCODE, `CodeMap.encode`), as
     float to half conversion rounds (`_soft_float_to_half`), or stochastically (ENCODE_SR,
-    `CodeMap.encode_stochastic`)."""
+    `CodeMap.encode_stochastic`, whose recipe this is: a NaN or an infinity falls out of the
+    maxima as 2**(B + 1), 1's code)."""
     b, cm, x = ctx.builder, CODE_MAPS[node.arg], ops[0]
-    one, zero = ir.Constant(F32, 1.0), ir.Constant(F32, 0.0)
-    a = ctx.builder.call(ctx.intrinsic("llvm.fabs", F32), [x]) if cm.signed else x
-    a = b.select(b.fcmp_ordered("<=", a, one), a, b.select(b.fcmp_ordered(">", a, one), one, zero))
-    a = b.select(b.fcmp_ordered("<", a, zero), zero, a)  # unsigned: negative values give 0
-    bits = b.bitcast(a, I32)
-    shift = 23 - cm.fraction
-    rebias = ((cm.bias - 127) << 23) % 2**32 - 2**32  # as a signed i32 constant
+    zero = ir.Constant(F32, 0.0)
+    if cm.signed:
+        a = b.call(ctx.intrinsic("llvm.fabs", F32), [x])
+    else:  # negative values give 0; NaN stays NaN
+        a = b.select(b.fcmp_ordered("<", x, zero), zero, x)
     if node.op is Op.ENCODE_SR:
-        random = _hash_bits16(ctx, ops[1])
-        normal = b.lshr(b.add(b.add(bits, b.shl(random, I32(shift - 16))), I32(rebias)),
-                        I32(shift))
-        t = b.fmul(a, ir.Constant(F32, 2.0 ** (cm.bias + cm.fraction - 1)))
-        u = b.fmul(b.uitofp(random, F32), ir.Constant(F32, 2.0**-16))
-        tiny = b.fptoui(b.fadd(t, u), I32)
+        top = ir.Constant(F32, 2.0 ** (cm.bias + 1))
+        fma = ctx.module.declare_intrinsic("llvm.fma", [F32], ir.FunctionType(F32, [F32] * 3))
+        first = b.call(fma, [a, ir.Constant(F32, 2.0**cm.bias), ir.Constant(F32, 2.0)])
+        second = b.bitcast(b.add(b.bitcast(a, I32), I32((cm.bias + 1) << 23)), F32)
+        w = b.select(b.fcmp_ordered(">", second, first), second, first)  # NaN: first's NaN
+        w = b.select(b.fcmp_ordered("<", w, top), w, top)  # NaN, infinity, above 1: 2**(B + 1)
+        shift = 23 - cm.fraction
+        random = b.and_(_code_stream(ctx, ops[1]), I32((1 << shift) - 1))
+        w_bits = b.add(b.bitcast(w, I32), random)
+        code = b.sub(b.lshr(w_bits, I32(shift)), I32(0x40000000 >> shift))  # less 2.0's bits
     else:
+        one = ir.Constant(F32, 1.0)
+        a = b.select(b.fcmp_ordered("<=", a, one), a, one)  # NaN: 1
+        bits = b.bitcast(a, I32)
+        shift = 23 - cm.fraction
+        rebias = ((cm.bias - 127) << 23) % 2**32 - 2**32  # as a signed i32 constant
         odd = b.and_(b.lshr(bits, I32(shift)), I32(1))
         normal = b.lshr(b.add(bits, b.add(I32(rebias + (1 << (shift - 1)) - 1), odd)),
                         I32(shift))
         magic = ir.Constant(F32, 2.0 ** (1 - cm.bias - cm.fraction + 23))
         tiny = b.sub(b.bitcast(b.fadd(a, magic), I32), b.bitcast(magic, I32))
-    smallest_normal = ir.Constant(F32, 2.0 ** (1 - cm.bias))
-    code = b.select(b.fcmp_ordered("<", a, smallest_normal), tiny, normal)
-    if cm.signed:  # the sign bit of x, but for NaN
-        negative = b.and_(b.icmp_signed("<", b.bitcast(x, I32), I32(0)),
-                          b.fcmp_ordered("ord", x, x))
-        code = b.or_(code, b.select(negative, I32(0x80), I32(0)))
+        smallest_normal = ir.Constant(F32, 2.0 ** (1 - cm.bias))
+        code = b.select(b.fcmp_ordered("<", a, smallest_normal), tiny, normal)
+    if cm.signed:  # x < 0 (not -0, nor NaN) sets the sign bit
+        code = b.or_(code, b.select(b.fcmp_ordered("<", x, zero), I32(0x80), I32(0)))
     return b.trunc(code, I8)
 
 
@@ -497,6 +516,7 @@ def _block_function(module, rule, name, f16_native) -> ir.Function:
     start.add_incoming(begin, entry)
     stop = b.add(start, I64(QUANT_BLOCK))
     stop = b.select(b.icmp_signed("<", stop, end), stop, end, name="block.end")
+    weyl_start = b.mul(b.trunc(start, I32), _i32(int(WEYL32)))
     # the block's values of per-block slots (its scales), read once
     bctx = _Ctx(b, f16_native, index=start, labels=labels, per_block=per_block)
     bctx.slots = slot_args
@@ -558,7 +578,9 @@ def _block_function(module, rule, name, f16_native) -> ir.Function:
     b.position_at_end(second)
     j = b.phi(I64, name="j")
     j.add_incoming(start, middle)
-    lctx = _Ctx(b, f16_native, index=j, labels=labels, per_block=per_block)
+    weyl = b.phi(I32, name="j.weyl")  # j * WEYL32, an induction: one addition per vector
+    weyl.add_incoming(weyl_start, middle)
+    lctx = _Ctx(b, f16_native, index=j, weyl=weyl, labels=labels, per_block=per_block)
     lctx.slots = slot_args
     lctx.values.update(uniform_values)
     lctx.values.update(bctx.values)
@@ -572,6 +594,7 @@ def _block_function(module, rule, name, f16_native) -> ir.Function:
             store(lctx, slot, lctx.values[e], j, e.dtype)
     j_next = b.add(j, I64(1))
     j.add_incoming(j_next, second)
+    weyl.add_incoming(b.add(weyl, _i32(int(WEYL32))), second)
     b.cbranch(b.icmp_signed("<", j_next, stop), second, next_block)
 
     b.position_at_end(next_block)

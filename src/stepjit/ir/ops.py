@@ -193,19 +193,36 @@ def random_bits16(key, index) -> np.ndarray:
 
 
 HASH32 = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
-"""The multipliers of `hash_bits16` (Wellons' lowbias32), which every backend spells."""
+"""The multipliers of Wellons' lowbias32 hash (`code_stream`), which every backend spells."""
+
+WEYL32 = np.uint32(0x9E3779B9)
+"""2**32 over the golden ratio, rounded to odd: the step of `code_stream` from one element to
+the next."""
 
 
-def hash_bits16(key, index) -> np.ndarray:
-    """16 random bits per element, cheaper than `random_bits16` (32-bit arithmetic, two
-    multiplies): the top half of lowbias32(low 32 bits of the key + the element's index),
-    wrapping. A stream repeats every 2**32 elements of a tensor. `key`: an integer in
-    [0, 2**53) held in a float64."""
+def lowbias32(x) -> np.ndarray:
+    """Wellons' lowbias32 hash of uint32 `x` (wrapping arithmetic)."""
+    x = np.asarray(x, np.uint32)
     with np.errstate(over="ignore"):
-        x = np.uint32(int(key) % 2**32) + np.asarray(index).astype(np.uint32)
         x = (x ^ (x >> np.uint32(16))) * HASH32[0]
         x = (x ^ (x >> np.uint32(15))) * HASH32[1]
-    return (x ^ (x >> np.uint32(16))) >> np.uint32(16)
+    return x ^ (x >> np.uint32(16))
+
+
+def code_stream(key, index) -> np.ndarray:
+    """32 random bits per element for stochastically rounded codes (ENCODE_SR): a Weyl
+    sequence, lowbias32(low 32 bits of the key) + index * WEYL32, wrapping. One addition per
+    element (hashing each element cost the 8-bit AdamW step 10-20% of its time): the key's
+    hash is computed once per tensor. Rounding needs each element's bits
+    uniform and independent from one draw to the next: the key is fresh every step
+    (`optim.optimizer.rounding_keys` mixes seed, parameter and step) and each state slot
+    hashes its own (key + its position), so they are. Within one step, the elements' bits are
+    evenly spread (the golden-ratio step) and the streams of two slots differ by a constant.
+    `key`: an integer in [0, 2**53) held in a float64; `index`: the element's index within
+    its tensor."""
+    with np.errstate(over="ignore"):
+        return lowbias32(np.uint32(int(key) % 2**32)) + (
+            np.asarray(index).astype(np.uint32) * WEYL32)
 
 
 def _round_sr(x, key, index):
@@ -268,45 +285,56 @@ class CodeMap:
             value = np.where(c & np.uint32(0x80), -value, value)
         return value.astype(np.float32)
 
-    def encode(self, x) -> np.ndarray:
-        """The code nearest each float32 `x` (ties to the even code); magnitudes above 1 give 1's
-        code, NaN gives 0, and so do negative values in an unsigned map. The sign of a signed
-        map's code is x's sign bit (-0 keeps it)."""
+    def magnitude(self, x) -> np.ndarray:
+        """What a code's magnitude bits round, float32: |x| in a signed map, x in an unsigned
+        one (negative values give 0), clamped to 1 (so are infinity and NaN: a NaN's code is
+        1's, whose block then reads NaN anyway, its scale being NaN)."""
         x = np.asarray(x, np.float32)
-        a = np.abs(x.astype(np.float64)) if self.signed else np.maximum(x, 0.0).astype(np.float64)
-        a = np.where(np.isnan(a), 0.0, np.minimum(a, 1.0))
+        with np.errstate(invalid="ignore"):
+            a = np.abs(x) if self.signed else np.where(x < 0, np.float32(0), x)
+            return np.where(a <= 1, a, np.float32(1))
+
+    def _signed(self, code: np.ndarray, x) -> np.ndarray:
+        """A signed map's code of a negative x (x < 0: not -0, whose code is +0's, and not
+        NaN, whose sign bit backends set differently) takes the sign bit."""
+        if self.signed:
+            with np.errstate(invalid="ignore"):
+                negative = np.asarray(x, np.float32) < 0
+            code |= np.where(negative, np.uint8(0x80), np.uint8(0))
+        return code
+
+    def encode(self, x) -> np.ndarray:
+        """The code nearest each float32 `x` (ties to the even code), of `magnitude(x)` and x's
+        sign."""
+        a = self.magnitude(x).astype(np.float64)
         values = self.magnitudes().astype(np.float64)
         hi = np.clip(np.searchsorted(values, a), 1, self.top)
         lo = hi - 1
         dlo, dhi = a - values[lo], values[hi] - a
         code = np.where((dlo < dhi) | ((dlo == dhi) & (lo % 2 == 0)), lo, hi).astype(np.uint8)
-        if self.signed:
-            code |= np.where(np.signbit(x) & ~np.isnan(x), np.uint8(0x80), np.uint8(0))
-        return code
+        return self._signed(code, x)
 
-    def encode_stochastic(self, x, bits16) -> np.ndarray:
-        """The code of each float32 `x`, rounded up in magnitude with probability (|x| - down)
-        / (up - down) (to 2**-16) from `bits16` (16 random bits per element, `hash_bits16`):
-        unbiased, so that an average kept in codes drifts no more than one kept in floats.
-        Clamping, NaN and signs as `encode`. Defined by the integer recipe every backend
-        runs: normal magnitudes add the random bits below the kept fraction bits and truncate;
-        subnormal ones add random / 2**16 to magnitude / step in float32 and truncate."""
-        x = np.asarray(x, np.float32)
-        r = np.asarray(bits16, np.uint32)
-        with np.errstate(invalid="ignore"):
-            a = np.abs(x) if self.signed else np.where(x < 0, np.float32(0), x)
-            a = np.where(a <= 1, a, np.where(a > 1, np.float32(1), np.float32(0)))
-        a = np.broadcast_to(a, np.broadcast_shapes(a.shape, r.shape)).astype(np.float32)
+    def encode_stochastic(self, x, stream) -> np.ndarray:
+        """The code of each float32 `x` rounded up in magnitude with probability (|x| - down) /
+        (up - down), to 2**-20 of the spacing, from `stream` (32 random bits per element,
+        `code_stream`): unbiased, so that an average kept in codes drifts no more than one kept
+        in floats. Magnitude and sign as `encode`. Defined by the recipe every backend runs, in
+        float32 and 32-bit integers, without branches: with a = magnitude(x) and B the bias,
+        w = max(a * 2**B + 2 (rounded once), a * 2**(B + 1)) is a float in [2, 2**(B + 1)]
+        whose bits above the lowest 23 - F, less 2.0's, are the code below a (the first term
+        counts subnormal steps, the second takes over at the smallest normal value); adding
+        the stream's low 23 - F bits and truncating rounds up with the dropped fraction's
+        probability. (2**(B + 1) * a is the exponent field plus B + 1, which is smaller than
+        the first term wherever a is not normal.)"""
+        a = self.magnitude(x)
         shift = 23 - self.fraction
         with np.errstate(over="ignore"):
-            normal = (a.view(np.uint32) + (r << np.uint32(shift - 16))
-                      + np.uint32(((self.bias - 127) << 23) % 2**32)) >> np.uint32(shift)
-        t = np.minimum(a * np.float32(2.0 ** (self.bias + self.fraction - 1)), 2**self.fraction)
-        tiny = (t + r.astype(np.float32) * np.float32(2.0**-16)).astype(np.uint32)  # where used
-        code = np.where(a < np.float32(2.0 ** (1 - self.bias)), tiny, normal).astype(np.uint8)
-        if self.signed:
-            code |= np.where(np.signbit(x) & ~np.isnan(x), np.uint8(0x80), np.uint8(0))
-        return code
+            first = a * np.float32(2.0**self.bias) + np.float32(2)  # a * 2**B is exact
+            second = (a.view(np.uint32) + np.uint32((self.bias + 1) << 23)).view(np.float32)
+            w = np.maximum(first, second).view(np.uint32)
+            r = np.asarray(stream, np.uint32) & np.uint32((1 << shift) - 1)
+            code = (w + r - np.uint32(0x40000000)) >> np.uint32(shift)
+        return self._signed(code.astype(np.uint8), x)
 
     def quantize(self, values) -> tuple[np.ndarray, np.ndarray]:
         """(codes, scales) of flat float32 `values`, as a kernel stores them: each block's
@@ -345,7 +373,7 @@ def _encode(name: str, x) -> np.ndarray:
 
 
 def _encode_sr(name: str, x, key, index) -> np.ndarray:
-    return CODE_MAPS[name].encode_stochastic(x, hash_bits16(key, index))
+    return CODE_MAPS[name].encode_stochastic(x, code_stream(key, index))
 
 
 def _decode(name: str, codes) -> np.ndarray:
@@ -462,18 +490,21 @@ OPS: dict[Op, OpInfo] = {
     Op.ENCODE: OpInfo(
         Kind.ELEMENTWISE, 1, frozenset({DType.F32}), Result.GIVEN, _encode,
         "The code of `arg`'s code map (CODE_MAPS) nearest x, ties to the even code: "
-        "magnitudes above 1 give 1's code, NaN 0, a negative value in an unsigned map 0.",
-        [((1.0,), 120.0), ((0.0,), 0.0), ((-0.0,), 128.0), ((_nan,), 0.0), ((3.0,), 120.0)],
+        "magnitudes above 1 give 1's code, and so does NaN; a negative value in an unsigned "
+        "map gives 0; in a signed map, x < 0 sets the sign bit (not -0, nor NaN: its sign "
+        "is not portable).",
+        [((1.0,), 120.0), ((0.0,), 0.0), ((-0.0,), 0.0), ((_nan,), 120.0), ((3.0,), 120.0),
+         ((-_nan,), 120.0), ((-2.0,), 248.0)],
         arg=str, produces=DType.U8,
     ),
     Op.ENCODE_SR: OpInfo(
         Kind.ELEMENTWISE, 2, frozenset({DType.F32}), Result.GIVEN, _encode_sr,
         "The code of `arg`'s code map (CODE_MAPS) below or above x, up with probability "
-        "(|x| - below) / (above - below) from 16 random bits of (key, the element's index) "
-        "(`hash_bits16`): unbiased, reproducible, the same on every backend. The "
-        "second operand is the key (a float64 integer below 2**53). Clamping, NaN and signs "
-        "as ENCODE.",
-        [((1.0, 0.0), 120.0), ((0.0, 0.0), 0.0), ((-0.0, 0.0), 128.0), ((_nan, 0.0), 0.0),
+        "(|x| - below) / (above - below) to 2**-20, from the element's bits of `code_stream` "
+        "(the key, the element's index): unbiased, reproducible, the same on every backend "
+        "(`CodeMap.encode_stochastic` is the recipe). The second operand is the key (a "
+        "float64 integer below 2**53). Clamping, NaN and signs as ENCODE.",
+        [((1.0, 0.0), 120.0), ((0.0, 0.0), 0.0), ((-0.0, 0.0), 0.0), ((_nan, 0.0), 120.0),
          ((3.0, 0.0), 120.0), ((-1.0, 7.0), 248.0)],
         arg=str, produces=DType.U8, indexed=True,
     ),
