@@ -176,6 +176,33 @@ def test_unresolved_symbols_are_refused_not_run(backend):
         backend._safe(obj, rule, quiet=False)
 
 
+def test_a_kernel_keeps_its_code_alive_after_its_backend_is_gone():
+    """A bound kernel holds the engine its machine code lives in: dropping the backend that
+    compiled it (a private one, not the process's) must not unmap the code under it."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, numpy as np
+from stepjit.ir import DType
+from stepjit.optim.sgd import sgd_rule
+from stepjit.runtime import cpu
+rule = sgd_rule(False, False, False, False, DType.F32, DType.F32)
+def bound():
+    backend = cpu.LLVMBackend()  # the only reference: gone when this returns
+    p, g = np.ones(1000, np.float32), np.full(1000, 2.0, np.float32)
+    return backend.bind(backend.compile(rule), [(p, g)], np.zeros((1, len(rule.per_tensor)))), p
+launch, p = bound()
+gc.collect()
+launch(tuple({"lr": 0.5, "scale": 1.0}[n] for n, _ in rule.scalars))
+print(p[:3], float(p.sum()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0.0"  # 1 - 0.5 * 2 everywhere
+
+
 def test_chunk_table_covers_every_element_once():
     numel = np.array([0, 1, cpu.CHUNK, cpu.CHUNK + 1, 3 * cpu.CHUNK - 5, 7], np.int64)
     chunks, tchunks = cpu.chunk_table(numel)

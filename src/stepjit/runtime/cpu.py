@@ -200,6 +200,7 @@ class CPUKernel:
     reduce: object | None
     timings: Timings = field(default_factory=Timings)
     source: str = "compiled"  # "compiled", "disk" or "memory"
+    engine: object = None  # the MCJIT engine holding its code: kept alive while the kernel is
 
 
 class LLVMBackend(Backend):
@@ -273,7 +274,7 @@ class LLVMBackend(Backend):
         dump_dir = os.environ.get("STEPJIT_DUMP_DIR")
         if dump_dir:
             _dump(Path(dump_dir), rule, self.f16_native)
-        return CPUKernel(rule, update, reduce, timings, source)
+        return CPUKernel(rule, update, reduce, timings, source, self._engine)
 
     def _compile_object(self, rule: UpdateRule, timings: Timings) -> bytes:
         t0 = time.perf_counter()
