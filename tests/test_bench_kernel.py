@@ -1,0 +1,39 @@
+"""tools/bench_kernel.py: a row per state dtype, each kernel run on the tensor it was bound to."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+PATH = Path(__file__).parent.parent / "tools" / "bench_kernel.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_kernel", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prints_a_row_per_state_dtype_against_float32(capsys):
+    bench = load()
+    assert bench.main(["--optimizer", "adamw", "--numel", "5000", "--reps", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("adamw, 5000 float32 parameters")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == set(bench.STATES)
+    assert rows["float32"][1] == "1.00x"
+    assert all(float(ns) > 0 for ns, _ in rows.values())
+
+
+def test_the_launch_steps_its_own_tensors():
+    bench = load()
+    bound, scalars = bench.launch("adamw", "int8", 3000, np.random.default_rng(0))
+    (param, grad, codes, scales, *_), = bound.held
+    before = param.copy()
+    bound(scalars)
+    assert not np.array_equal(param, before) and np.all(np.isfinite(param))
+    assert codes.dtype == np.int8 or codes.dtype == np.uint8
+    assert scales.shape == (-(-3000 // 256),) and np.all(scales > 0)
