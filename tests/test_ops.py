@@ -43,6 +43,7 @@ from stepjit.ir import (
     Slot,
     UpdateRule,
     apply,
+    dtypes,
     evaluate,
     per_tensor,
     scalar,
@@ -68,7 +69,7 @@ def finfo(dtype: DType):
 def rounded(values, dtype: DType) -> np.ndarray:
     """float64 `values` rounded to `dtype` as the interpreter rounds them."""
     with np.errstate(all="ignore"):
-        return np.asarray(values, np.float64).astype(dtype.to_numpy())
+        return dtypes.rounded(np.asarray(values, np.float64), dtype)
 
 
 def specials(dtype: DType) -> np.ndarray:

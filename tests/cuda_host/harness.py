@@ -29,6 +29,7 @@ import numpy as np
 
 from stepjit.codegen import cuda as codegen
 from stepjit.ir import DType, Expr, UpdateRule
+from stepjit.ir.dtypes import rounded
 from stepjit.runtime import gpu
 from stepjit.runtime.gpu import build_tables
 
@@ -182,7 +183,7 @@ class HostLibrary:
         for name, dtype in rule.scalars:
             value = scalars[name]
             if dtype.is_half:
-                bits = np.array([value], dtype.to_numpy()).view(np.uint16)[0]
+                bits = np.asarray(rounded(np.float64(value), dtype)).view(np.uint16)
                 args.append(ctypes.c_uint16(int(bits)))
             else:
                 args.append(_CTYPES[dtype](value))

@@ -106,7 +106,7 @@ def round_to(value: float, dtype: DType) -> float:
         f32 = np.float32(value)
     if dtype is DType.F32 or np.isnan(f32):
         return float(f32)
-    # bfloat16 (ml_dtypes rounds through float32): round-to-nearest-even on the bit pattern
+    # bfloat16 (through float32, as torch rounds): round-to-nearest-even on the bit pattern
     bits = int(np.array(f32).view(np.uint32))
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return float(np.array(bits, np.uint32).view(np.float32))
@@ -172,7 +172,7 @@ def cast(x: str, src: DType, dst: DType) -> str:
         return f"(float){x}"
     if dst is DType.F16:  # one rounding from either width, like numpy
         return f"__double2half({x})" if src is DType.F64 else f"__float2half_rn({x})"
-    # bfloat16: from float64 through float32, as the reference interpreter (ml_dtypes) does
+    # bfloat16: from float64 through float32, as the reference interpreter (and torch) does
     return _from_float(x if src is DType.F32 else f"(float){x}", DType.BF16)
 
 

@@ -59,6 +59,18 @@ class DType(enum.Enum):
             return None
 
 
+def rounded(values, dtype: DType):
+    """`values` (a number or an array) rounded to `dtype` as every backend rounds them:
+    numpy's astype, to nearest even, but float64 to bfloat16 through float32, twice, as torch
+    rounds (ml_dtypes rounds once from version 0.7, through float32 before it)."""
+    if dtype is DType.BF16 and np.asarray(values).dtype == np.float64:
+        values = np.asarray(values).astype(np.float32)
+    np_dtype = dtype.to_numpy()
+    if isinstance(values, np.ndarray) and values.ndim:
+        return values.astype(np_dtype, copy=False)
+    return np_dtype.type(values)
+
+
 _ITEMSIZE = {DType.BOOL: 1, DType.F16: 2, DType.BF16: 2, DType.F32: 4, DType.F64: 8, DType.U8: 1,
              DType.I8: 1}
 

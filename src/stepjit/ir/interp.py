@@ -11,18 +11,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .dtypes import DType
+from .dtypes import DType, rounded
 from .expr import Expr
 from .ops import CODED, OPS, QUANT_BLOCK, Kind, Op
 from .rule import UpdateRule
 
 
 def _typed(value, dtype: DType):
-    """`value` as a numpy scalar or array of exactly `dtype`."""
-    np_dtype = dtype.to_numpy()
-    if isinstance(value, np.ndarray) and value.ndim:
-        return value.astype(np_dtype, copy=False)
-    return np_dtype.type(value)
+    """`value` as a numpy scalar or array of exactly `dtype` (`dtypes.rounded`)."""
+    return rounded(value, dtype)
 
 
 def _leaf(node: Expr, rule: UpdateRule, arrays, scalars, per_tensor, numel: int):

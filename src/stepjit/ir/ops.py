@@ -413,13 +413,13 @@ def _binary(definition, semantics, examples=(), result=Result.OPERAND) -> OpInfo
 OPS: dict[Op, OpInfo] = {
     Op.TENSOR: _leaf(str, "The element of the named tensor slot, as stored."),
     Op.SCALAR: _leaf(str, "The named hyperparameter, a Python float rounded once to the node's "
-                          "dtype, to nearest-even (to bfloat16 through float32, as ml_dtypes "
+                          "dtype, to nearest-even (to bfloat16 through float32, as torch "
                           "rounds; to bool: nonzero, NaN included, is true)."),
     Op.PER_TENSOR: _leaf(str, "The named per-tensor value, rounded as a scalar."),
     Op.CONST: _leaf(float, "The literal, rounded as a scalar; -0.0 and NaN are kept."),
     Op.CAST: OpInfo(
         Kind.ELEMENTWISE, 1, ANY, Result.GIVEN, _same,
-        "numpy's astype: to nearest-even (float64 to bfloat16 through float32, as ml_dtypes "
+        "numpy's astype: to nearest-even (float64 to bfloat16 through float32, as torch "
         "does); overflow gives infinity; to bool, nonzero (NaN included) is true; from bool, "
         "1 and 0; the sign of zero and NaN are kept.",
         [((-0.0,), -0.0), ((_nan,), _nan), ((_inf,), _inf)],
