@@ -37,3 +37,11 @@ def test_the_launch_steps_its_own_tensors():
     assert not np.array_equal(param, before) and np.all(np.isfinite(param))
     assert codes.dtype == np.int8 or codes.dtype == np.uint8
     assert scales.shape == (-(-3000 // 256),) and np.all(scales > 0)
+
+
+def test_sgd_and_lars_are_timed_with_state():
+    bench = load()
+    for name in ("sgd", "lars"):
+        rules = {bench.registry.rule_for(name, "float32", state_dtype=s,
+                                         **bench.STATEFUL[name]).name for s in bench.STATES}
+        assert len(rules) == 3, rules  # three kernels, not float32's three times

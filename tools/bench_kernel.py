@@ -2,12 +2,13 @@
 
     STEPJIT_NUM_THREADS=1 python tools/bench_kernel.py [--optimizer adamw] [--numel N] [--reps R]
 
-Compiles the update rule of each state dtype (`stepjit.optim.rule_for`) for float32 parameters,
-binds it to one tensor of N elements (default 256K: parameter, gradient and state stay in
-cache) and times kernel launches directly, interleaved launch by launch, without a Python
-step() around them: what the arithmetic costs, which is what to measure when changing the code
-generator. Prints nanoseconds per element (the 10th percentile of the launches: the machine is
-shared, and interference only adds) and each row against float32 state.
+Compiles the update rule of each state dtype (`stepjit.optim.rule_for`; SGD and LARS with
+momentum, so that they keep state) for float32 parameters, binds it to one tensor of N elements
+(default 256K: parameter, gradient and state stay in cache) and times kernel launches directly,
+interleaved launch by launch, without a Python step() around them: what the arithmetic costs,
+which is what to measure when changing the code generator. Prints nanoseconds per element
+(the 10th percentile of the launches: the machine is shared, and interference only adds) and
+each row against float32 state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from stepjit.optim import registry
 from stepjit.runtime import cpu
 
 STATES = ("float32", "bfloat16", "int8")
+STATEFUL = {"sgd": {"momentum": 0.9}, "lars": {"momentum": 0.9}}
+"""Hyperparameters that give an optimizer state to store (SGD and LARS keep none by default)."""
+
 SCALARS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
            "scale": 1.0, "momentum": 0.9, "alpha": 0.99}
 """Hyperparameter values by name (0.5 for any other): only their structure sets the speed."""
@@ -28,7 +32,8 @@ SCALARS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay"
 
 def launch(optimizer: str, state_dtype: str, numel: int, rng) -> tuple:
     """(a bound launch of the rule over one tensor, its scalars)."""
-    rule = registry.rule_for(optimizer, "float32", state_dtype=state_dtype)
+    rule = registry.rule_for(optimizer, "float32", state_dtype=state_dtype,
+                             **STATEFUL.get(optimizer, {}))
     backend = cpu.LLVMBackend()
     data = {"param": rng.standard_normal(numel), "grad": rng.standard_normal(numel)}
     tensors = tuple(data[s.name].astype(np.float32) if s.name in data

@@ -246,8 +246,11 @@ def _encode(ctx: _Ctx, node: Expr, ops: list[ir.Value]) -> ir.Value:
         a = b.select(b.fcmp_ordered("<", x, zero), zero, x)
     if node.op is Op.ENCODE_SR:
         top = ir.Constant(F32, 2.0 ** (cm.bias + 1))
-        fma = ctx.module.declare_intrinsic("llvm.fma", [F32], ir.FunctionType(F32, [F32] * 3))
-        first = b.call(fma, [a, ir.Constant(F32, 2.0**cm.bias), ir.Constant(F32, 2.0)])
+        # a * 2**B is exact: fused or not (fmuladd: no libm call where there is no FMA), the
+        # sum is rounded once
+        fmuladd = ctx.module.declare_intrinsic("llvm.fmuladd", [F32],
+                                               ir.FunctionType(F32, [F32] * 3))
+        first = b.call(fmuladd, [a, ir.Constant(F32, 2.0**cm.bias), ir.Constant(F32, 2.0)])
         second = b.bitcast(b.add(b.bitcast(a, I32), I32((cm.bias + 1) << 23)), F32)
         w = b.select(b.fcmp_ordered(">", second, first), second, first)  # NaN: first's NaN
         w = b.select(b.fcmp_ordered("<", w, top), w, top)  # NaN, infinity, above 1: 2**(B + 1)
