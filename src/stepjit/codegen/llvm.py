@@ -94,7 +94,7 @@ class _Ctx:
         b = self.builder
         # double -> half goes through float (LLVM has no libcall-free direct path): rounded to
         # odd for float16, which then rounds once in all, as numpy does; bfloat16 rounds twice,
-        # as ml_dtypes does
+        # as torch does (ir.dtypes.rounded)
         if dtype is DType.F16 and v.type == F64:
             v = _double_to_float_round_to_odd(b, v)
         if dtype is DType.BF16 and v.type == F64:
