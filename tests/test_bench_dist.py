@@ -3,29 +3,21 @@ every variant's row, and every rank ends with identical parameters."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tool import TOOLS, load_tool
 
 torch = pytest.importorskip("torch")
 
-PATH = Path(__file__).parent.parent / "tools" / "bench_dist.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_dist", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+PATH = TOOLS / "bench_dist.py"
 
 
 def test_a_tiny_run_prints_every_row_and_the_ranks_agree(tmp_path):
-    bench = load()
+    bench = load_tool("bench_dist")
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, str(PATH), "--world", "2", "--steps", "2", "--warmup",
                           "1", "--params", "0.05", "--json", str(out)],

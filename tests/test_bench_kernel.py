@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-
-PATH = Path(__file__).parent.parent / "tools" / "bench_kernel.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_kernel", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool import load_tool
 
 
 def test_prints_a_row_per_state_dtype_against_float32(capsys):
-    bench = load()
+    bench = load_tool("bench_kernel")
     assert bench.main(["--optimizer", "adamw", "--numel", "5000", "--reps", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("adamw, 5000 float32 parameters")
@@ -29,7 +18,7 @@ def test_prints_a_row_per_state_dtype_against_float32(capsys):
 
 
 def test_the_launch_steps_its_own_tensors():
-    bench = load()
+    bench = load_tool("bench_kernel")
     bound, scalars = bench.launch("adamw", "int8", 3000, np.random.default_rng(0))
     (param, grad, codes, scales, *_), = bound.held
     before = param.copy()
@@ -40,7 +29,7 @@ def test_the_launch_steps_its_own_tensors():
 
 
 def test_sgd_and_lars_are_timed_with_state():
-    bench = load()
+    bench = load_tool("bench_kernel")
     for name in ("sgd", "lars"):
         rules = {bench.registry.rule_for(name, "float32", state_dtype=s,
                                          **bench.STATEFUL[name]).name for s in bench.STATES}

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from tool import load_tool
 
 torch = pytest.importorskip("torch")
 
-PATH = Path(__file__).parent.parent / "tools" / "bench_state.py"
 COMPETITORS = ["bitsandbytes", "bitsandbytes.optim", "torchao", "torchao.optim",
                "torchao.prototype.low_bit_optim"]
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("bench_state", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_missing_competitors_and_options_are_skipped_not_raised(capsys, monkeypatch):
-    bench = load()
+    bench = load_tool("bench_state")
     for name in COMPETITORS:
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     monkeypatch.setitem(bench.ROWS, "stepjit no such state",
@@ -41,7 +32,7 @@ def test_missing_competitors_and_options_are_skipped_not_raised(capsys, monkeypa
 
 
 def test_state_bytes_counts_every_tensor_but_step():
-    bench = load()
+    bench = load_tool("bench_state")
     p = torch.nn.Parameter(torch.zeros(1000))
 
     class Opt:

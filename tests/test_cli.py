@@ -18,6 +18,7 @@ from pathlib import Path
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
+from tool import load_tool
 
 import stepjit
 from stepjit import cli
@@ -314,11 +315,7 @@ def test_bench_quick_json_has_the_documented_fields(capsys, tmp_path):
 
 
 def _benchmarks_md():
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_benchmarks_md.py"
-    spec = importlib.util.spec_from_file_location("bench_benchmarks_md", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_benchmarks_md")
 
 
 def _fake_rows() -> list[bench.Row]:

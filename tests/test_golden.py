@@ -4,10 +4,10 @@ tests/golden/, which `python tools/regen_golden.py` rewrites (never edit those f
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from tool import load_tool
 
 from stepjit.codegen.llvm import kernel_names
 
@@ -16,18 +16,7 @@ GOLDEN = ROOT / "tests" / "golden"
 REGEN = "python tools/regen_golden.py"
 
 
-def _load_tool():
-    """tools/regen_golden.py as a module: the test and the tool share one definition of the
-    golden text."""
-    path = ROOT / "tools" / "regen_golden.py"
-    spec = importlib.util.spec_from_file_location("regen_golden", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("regen_golden", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("regen_golden")  # the test and the tool share one definition of the golden text
 RULES = tool.golden_rules()
 CUDA_MISSING = "stepjit.codegen.cuda is not importable"
 
