@@ -213,8 +213,8 @@ def code_stream(key, index) -> np.ndarray:
     """32 random bits per element for stochastically rounded codes (ENCODE_SR): a Weyl
     sequence, lowbias32(low 32 bits of the key) + index * WEYL32, wrapping. One addition per
     element (hashing each element cost the 8-bit AdamW step 10-20% of its time): the key's
-    hash is computed once per tensor. Rounding needs each element's bits
-    uniform and independent from one draw to the next: the key is fresh every step
+    hash is computed once per tensor. Rounding needs each element's bits uniform and
+    independent from one draw to the next: the key is fresh every step
     (`optim.optimizer.rounding_keys` mixes seed, parameter and step) and each state slot
     hashes its own (key + its position), so they are. Within one step, the elements' bits are
     evenly spread (the golden-ratio step) and the streams of two slots differ by a constant.
